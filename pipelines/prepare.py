@@ -5,7 +5,8 @@ writes `<run_dir>/data/items.parquet`, `<run_dir>/data/{train,valid,test}.parque
 (sizes, counted skips, config).
 
 Local:    python -m pipelines.prepare --config pipelines/configs/tiny/prepare.yaml [run_dir=runs/tiny max_users=2000]
-Cluster:  ray job submit --working-dir . -- python -m pipelines.prepare --config pipelines/configs/qwen3_8b/prepare.yaml
+Cluster:  ray job submit --working-dir . -- python -m pipelines.prepare --config pipelines/configs/qwen3_8b/prepare.yaml \
+              run_dir=s3://YOUR-BUCKET/gr2/beauty
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ embedding), `<run_dir>/sid/sid_map.parquet` (item_id, codes, sid) and `<run_dir>
 before and after the random last level, codebook utilisation per level, largest collision group, timings).
 
 Local:    python -m pipelines.sid --config pipelines/configs/tiny/sid.yaml [quantizer=rq_vae]
-Cluster:  ray job submit --working-dir . -- python -m pipelines.sid --config pipelines/configs/qwen3_8b/sid.yaml
+Cluster:  ray job submit --working-dir . -- python -m pipelines.sid --config pipelines/configs/qwen3_8b/sid.yaml \
+              run_dir=s3://YOUR-BUCKET/gr2/beauty
 """
 
 from __future__ import annotations
