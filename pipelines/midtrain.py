@@ -1,0 +1,275 @@
+"""Stage `midtrain`: teach the student LLM the SID tokens (next-item prediction + SID <-> item text).
+
+Reads `<run_dir>/data/{items,train}.parquet` and `<run_dir>/sid/{sid_map.parquet,report.json}`; builds (tiny
+preset: trains a BPE tokenizer and builds a tiny Qwen3) or loads (hub id / path) the student, adds the SID tokens,
+tokenises the task mixture on the driver (rec.midtrain_data), and trains with Ray Train `TorchTrainer` + DeepSpeed
+ZeRO over Ray Data shards. Resumable checkpoints go to `<run_dir>/models/midtrain_ckpt/` (rerun the same command
+to resume after a crash, or with a larger max_steps to train on); the final model (HF safetensors + tokenizer,
+loadable by transformers and vLLM, with `train_log.jsonl`) is published to `<run_dir>/models/midtrain/`, and
+`<run_dir>/models/midtrain/midtrain_report.json` marks the stage as done.
+
+Local:    python -m pipelines.midtrain --config pipelines/configs/tiny/midtrain.yaml [run_dir=runs/tiny train.max_steps=200]
+Cluster:  ray job submit --working-dir . -- python -m pipelines.midtrain --config pipelines/configs/qwen3_8b/midtrain.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from pipelines.common import StageOutputsMismatch, exit_on_user_error, init_ray, parse_cli
+from pipelines.train_utils import TrainJob, TrainSection, fit, publish_checkpoint, read_trainer_state
+from rec.config import Section, StageConfig, config_fingerprint
+from rec.io import RunDir
+from rec.midtrain_data import TASKS, build_task_examples, collate, mix, mixture_stats, pack, tokenizer_corpus, unpacked
+from rec.model import ModelSection
+
+log = logging.getLogger("gr2.midtrain")
+
+CKPT_NAME = "midtrain_ckpt"
+OUTPUT = ("models", "midtrain")
+REPORT = "midtrain_report.json"
+# Fields that may change between a run and its resumption: the `train` section (schedule length, workers,
+# checkpointing...), so a rerun with a larger max_steps continues the stored run. A different num_workers is
+# refused when the ZeRO shards are loaded.
+RESUMABLE_FIELDS = {"run_dir", "overwrite", "train"}
+
+
+class MidtrainDataSection(Section):
+    """The task mixture and how it is tokenised."""
+
+    weights: dict[str, float] = Field(default_factory=lambda: {"next_item": 1.0, "sid_to_text": 1.0, "text_to_sid": 1.0})
+    """Passes over each task's examples per mixture epoch (tasks: next_item, sid_to_text, text_to_sid; 0 drops one)."""
+    seq_len: int = Field(default=512, ge=32)
+    """Tokens per training row (and the longest next-item chunk)."""
+    packing: bool = True
+    """Pack several examples into each row of seq_len tokens; false gives one padded example per row."""
+    max_text_tokens: int = Field(default=96, ge=8)
+    """Item text is cut to this many tokens in the SID <-> text tasks."""
+    min_history: int = Field(default=1, ge=0)
+    """Next-item targets start after this many items of a user's sequence."""
+    max_users: int | None = Field(default=None, ge=1)
+    """Use only the first this-many users of data/train.parquet (quick runs); null uses all."""
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; known: {list(TASKS)}")
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError(f"weights must be >= 0 with at least one > 0, got {weights}")
+        return weights
+
+
+class MidtrainConfig(StageConfig):
+    model: ModelSection = Field(default_factory=ModelSection)
+    """The student: tiny dims or a hub id / local path."""
+    data: MidtrainDataSection = Field(default_factory=MidtrainDataSection)
+    """Task mixture and tokenisation."""
+    train: TrainSection = Field(default_factory=TrainSection)
+    """Optimisation, Ray Train workers, DeepSpeed ZeRO stage, checkpointing."""
+    overwrite: bool = False
+    """Start again: delete the checkpoints and the published model of an earlier run in this run_dir."""
+
+
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        return {path.name: path.read_bytes() for path in sorted(Path(directory).iterdir())}
+
+
+def _tokenizer_from_files(files: dict[str, bytes]):
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as directory:
+        for name, data in files.items():
+            with open(os.path.join(directory, name), "wb") as out:
+                out.write(data)
+        return AutoTokenizer.from_pretrained(directory)
+
+
+def prepare_tokenizer(cfg: MidtrainConfig, run_dir: RunDir, texts: list[str], levels: int, codebook_size: int):
+    """The tokenizer with SID tokens: reused from an earlier (resumed) run, else trained (tiny) or loaded + extended."""
+    import pyarrow.fs as pafs
+
+    from rec.model import add_sid_tokens, train_tokenizer
+
+    stored = ("models", CKPT_NAME, "tokenizer")
+    if run_dir.exists(*stored, "tokenizer.json"):
+        files = {}
+        for info in run_dir.fs.get_file_info(pafs.FileSelector(run_dir.path(*stored))):
+            with run_dir.fs.open_input_stream(info.path) as src:
+                files[info.base_name] = src.read()
+        return _tokenizer_from_files(files)
+    if cfg.model.name_or_path is None:
+        tokenizer = train_tokenizer(tokenizer_corpus(texts), cfg.model.tokenizer_vocab_size, levels, codebook_size)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        add_sid_tokens(tokenizer, None, levels, codebook_size)
+    for name, data in _tokenizer_files(tokenizer).items():
+        run_dir.write_bytes(data, *stored, name)
+    return tokenizer
+
+
+def build_student(model_cfg: ModelSection, tokenizer_files: dict[str, bytes], seed: int, dtype: str = "float32"):
+    """On a worker: the tiny model built from dims, or the hub/local model with embeddings resized to the tokenizer."""
+    import torch
+
+    from rec.model import build_tiny_model, configure_special_ids
+
+    tokenizer = _tokenizer_from_files(tokenizer_files)
+    if model_cfg.name_or_path is None:
+        model = build_tiny_model(model_cfg, len(tokenizer), seed=seed)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=getattr(torch, dtype))
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    configure_special_ids(tokenizer, model)
+    return model
+
+
+def causal_lm_loss(model, batch) -> tuple[Any, int]:
+    """Mean next-token loss over the label tokens (answers only); tokens = non-padding positions."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, int(batch["attention_mask"].sum())
+
+
+def _check_previous(cfg: MidtrainConfig, run_dir: RunDir, fingerprint: dict) -> None:
+    """Refuse to resume or overwrite outputs of a different config (unless overwrite=true, which deletes them)."""
+    marker = ("models", CKPT_NAME, "fingerprint.json")
+    if cfg.overwrite:
+        for parts in (("models", CKPT_NAME), OUTPUT):
+            if run_dir.exists(*parts):
+                run_dir.fs.delete_dir(run_dir.path(*parts))
+    elif run_dir.exists(*marker) and run_dir.read_json(*marker) != fingerprint:
+        previous = run_dir.read_json(*marker)
+        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+        raise StageOutputsMismatch(
+            f"midtrain: {run_dir.path(*marker)} belongs to a run with a different config (fields differ: "
+            f"{', '.join(changed)}); use a new run_dir or overwrite=true"
+        )
+    run_dir.write_json(fingerprint, *marker)
+
+
+def run(cfg: MidtrainConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    run_dir = RunDir.open(cfg.run_dir)
+    items = run_dir.read_parquet("data", "items.parquet").to_pydict()
+    train_table = run_dir.read_parquet("data", "train.parquet")
+    if cfg.data.max_users is not None:
+        train_table = train_table.slice(0, cfg.data.max_users)
+    sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
+    codebook_size = int(run_dir.read_json("sid", "report.json")["codebook_size"])
+    levels = len(sid_map["codes"][0])
+    # the inputs are part of what is trained: new SIDs or data must not resume an old run's checkpoints
+    fingerprint = config_fingerprint(cfg, exclude=RESUMABLE_FIELDS) | {
+        "inputs": {"items": len(items["item_id"]), "train_users": train_table.num_rows, "sid_levels": levels,
+                   "codebook_size": codebook_size},
+    }
+    _check_previous(cfg, run_dir, fingerprint)
+
+    tokenizer = prepare_tokenizer(cfg, run_dir, items["text"], levels, codebook_size)
+    tasks = build_task_examples(
+        tokenizer, items, sid_map, train_table.to_pydict(), codebook_size,
+        max_len=cfg.data.seq_len, max_text_tokens=cfg.data.max_text_tokens, min_history=cfg.data.min_history,
+    )
+    examples = mix(tasks, cfg.data.weights, cfg.seed)
+    stats = mixture_stats(examples)
+    rows = pack(examples, cfg.data.seq_len) if cfg.data.packing else unpacked(examples)
+    steps_per_epoch, total_steps = cfg.train.steps_for(len(rows))
+    log.info("midtrain: %d examples -> %d rows of <= %d tokens; %s", len(examples), len(rows), cfg.data.seq_len, stats)
+    log.info("midtrain: %d steps/epoch, training to step %d", steps_per_epoch, total_steps)
+
+    done = read_trainer_state(run_dir, *OUTPUT)
+    if done is not None and done["step"] == total_steps and run_dir.exists(*OUTPUT, REPORT):
+        log.info("midtrain: %s already trained to step %d; nothing to do", run_dir.path(*OUTPUT), total_steps)
+        return run_dir.read_json(*OUTPUT, REPORT)
+
+    init_ray(num_cpus=math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1)
+    import ray.data
+
+    dataset = ray.data.from_items(rows)
+    tokenizer_files = _tokenizer_files(tokenizer)
+    job = TrainJob(
+        train=cfg.train,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        build_model=partial(
+            build_student, cfg.model, tokenizer_files, cfg.seed, "bfloat16" if cfg.train.precision == "bf16" else "float32"
+        ),
+        loss_fn=causal_lm_loss,
+        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
+        extra_files=tokenizer_files,
+        seed=cfg.seed,
+        stage="midtrain",
+    )
+    train_start = time.perf_counter()
+    result = fit(job, dataset, storage_path=run_dir.path("models"), name=CKPT_NAME, storage_filesystem=run_dir.fs)
+    train_seconds = time.perf_counter() - train_start
+    if result.checkpoint is None:
+        raise RuntimeError(f"midtrain: training ended without a checkpoint ({result.error})")
+    publish_checkpoint(result.checkpoint, run_dir, *OUTPUT)
+    state = read_trainer_state(run_dir, *OUTPUT)
+    metrics = result.metrics or {}
+    report = {
+        "model_dir": run_dir.path(*OUTPUT),
+        "steps": state["step"],
+        "resumed_from_step": state.get("resumed_from_step"),
+        "tokens": state["tokens"],
+        "final_loss": metrics.get("loss"),
+        "tokens_per_s": metrics.get("tokens_per_s"),
+        "parameters": _count_parameters(run_dir),
+        "vocab_size": len(tokenizer),
+        "rows": len(rows),
+        "mixture": stats,
+        "seconds_train": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "config": fingerprint,
+    }
+    run_dir.write_json(report, *OUTPUT, REPORT)
+    return report
+
+
+def _count_parameters(run_dir: RunDir) -> int | None:
+    """Parameters in the published safetensors (tied weights are stored once)."""
+    from safetensors import safe_open
+
+    try:
+        path = run_dir.local_path(*OUTPUT, "model.safetensors")
+    except ValueError:
+        return None
+    if not os.path.exists(path):
+        return None
+    with safe_open(path, framework="pt") as weights:
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+
+
+@exit_on_user_error
+def main() -> None:
+    cfg = parse_cli(MidtrainConfig, __doc__)
+    report = run(cfg)
+    print(
+        f"midtrain: {report['steps']} steps, final loss {report['final_loss']}, "
+        f"{report['tokens_per_s'] or 0:.0f} tokens/s, {report['parameters']} parameters -> {report['model_dir']}"
+    )
+    print(json.dumps({k: v for k, v in report.items() if k not in ("config", "mixture")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The midtrain stage end to end: Ray Train + DeepSpeed ZeRO over gloo on a slice of Beauty, resume, loading.
+
+The fast test trains a tiny model for a few steps with 2 workers (ZeRO-2); the slow ones cover resuming from a
+checkpoint, ZeRO-3, and loading the published model in vLLM (`pytest -m slow tests/test_midtrain.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from midtrain_fixtures import make_run_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipelines.common import REPO_ROOT, StageOutputsMismatch, init_ray, setup_env
+from pipelines.midtrain import OUTPUT, RESUMABLE_FIELDS, MidtrainConfig, _check_previous, _tokenizer_files, build_student, run
+from pipelines.train_utils import read_train_log, read_trainer_state
+from rec.config import ConfigError, config_fingerprint, load_config
+from rec.io import RunDir
+from rec.midtrain_data import SidEncoder, next_item_prompt_ids
+from rec.model import encode_text
+
+TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "midtrain.yaml"
+
+
+def _config(run_dir, *overrides: str) -> MidtrainConfig:
+    return load_config(
+        MidtrainConfig,
+        TINY_YAML,
+        [
+            f"run_dir={run_dir}",
+            "model.tokenizer_vocab_size=600",
+            "data.seq_len=128",
+            "data.max_text_tokens=32",
+            "train.batch_size=4",
+            "train.lr=0.005",
+            "train.warmup_steps=1",
+            "train.log_every_steps=2",
+            "train.checkpoint_every_steps=100",
+            "train.shuffle_buffer_rows=0",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    setup_env()
+    init_ray(num_cpus=3)
+    yield
+    ray.shutdown()
+
+
+def _published(run_dir):
+    path = run_dir.local_path(*OUTPUT)
+    return path, AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_tiny_preset_config_loads_and_checks_its_fields():
+    cfg = load_config(MidtrainConfig, TINY_YAML, ["run_dir=runs/x"])
+    assert cfg.model.head_dim == 64 and cfg.train.zero_stage == 2 and cfg.train.num_workers == 2
+    assert cfg.train.deepspeed_config()["optimizer"]["params"]["torch_adam"] is True
+    with pytest.raises(ConfigError, match="unknown tasks"):
+        load_config(MidtrainConfig, TINY_YAML, ["run_dir=runs/x", "data.weights.general_text=1"])
+    with pytest.raises(ConfigError, match="bf16 needs use_gpu"):
+        load_config(MidtrainConfig, TINY_YAML, ["run_dir=runs/x", "train.precision=bf16"])
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        load_config(MidtrainConfig, TINY_YAML, ["run_dir=runs/x", "model.num_kv_heads=3"])
+
+
+def test_midtrain_two_workers_zero2_trains_and_publishes(tmp_path, ray_cluster):
+    run_dir = make_run_dir(tmp_path / "run", max_users=80)
+    cfg = _config(tmp_path / "run", "train.max_steps=8", "train.num_workers=2", "train.zero_stage=2")
+    report = run(cfg)
+    assert report["steps"] == 8 and report["resumed_from_step"] is None and report["tokens"] > 0
+    history = read_train_log(run_dir, *OUTPUT)
+    assert [r["step"] for r in history] == [2, 4, 6, 8]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.3, history
+
+    path, tokenizer, model = _published(run_dir)
+    files = _tokenizer_files(tokenizer)
+    initial = build_student(cfg.model, files, cfg.seed)
+    unchanged = [
+        name for (name, before), after in zip(initial.named_parameters(), model.parameters())
+        if torch.equal(before, after)
+    ]
+    assert not unchanged, f"parameters not trained: {unchanged}"
+    assert model.config.head_dim == 64 and model.config.vocab_size == len(tokenizer)
+
+    # the published model scores a next-item prompt built the way the pre-ranker will build it
+    sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
+    encoder = SidEncoder(tokenizer, sid_map["item_id"], sid_map["codes"], codebook_size=16)
+    history_items = run_dir.read_parquet("data", "test.parquet").to_pylist()[0]["history"]
+    ids = torch.tensor([next_item_prompt_ids(encoder, history_items, max_len=128) + [encoder.sid_begin]])
+    logits = model(input_ids=ids).logits[0, -1]
+    assert torch.isfinite(logits).all()
+    assert encode_text(tokenizer, "Brand:")  # the tokenizer travelled with the model
+
+    # a rerun with the same config finds the finished model and does nothing
+    assert run(cfg) == report
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_the_latest_checkpoint_exactly(tmp_path, ray_cluster):
+    # a constant lr keeps the schedule of the first 4 steps independent of max_steps, so the resumed run and an
+    # uninterrupted one must end with the same weights (model, Adam moments and data position all restored)
+    fixed = ("train.checkpoint_every_steps=4", "train.lr_schedule=constant")
+    resumed_dir = make_run_dir(tmp_path / "resumed", max_users=80)
+    first = run(_config(tmp_path / "resumed", "train.max_steps=4", *fixed))
+    assert first["steps"] == 4
+    second = run(_config(tmp_path / "resumed", "train.max_steps=8", *fixed))
+    assert second["resumed_from_step"] == 4 and second["steps"] == 8
+    assert read_trainer_state(resumed_dir, *OUTPUT)["resumed_from_step"] == 4
+    # the log continues the first run's: steps 2 and 4 came from it, 6 and 8 from the resumed run
+    assert [r["step"] for r in read_train_log(resumed_dir, *OUTPUT)] == [2, 4, 6, 8]
+
+    straight_dir = make_run_dir(tmp_path / "straight", max_users=80)
+    run(_config(tmp_path / "straight", "train.max_steps=8", *fixed))
+    resumed = AutoModelForCausalLM.from_pretrained(resumed_dir.local_path(*OUTPUT)).state_dict()
+    straight = AutoModelForCausalLM.from_pretrained(straight_dir.local_path(*OUTPUT)).state_dict()
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+    assert [r["loss"] for r in read_train_log(resumed_dir, *OUTPUT)] == [
+        r["loss"] for r in read_train_log(straight_dir, *OUTPUT)
+    ]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_first_checkpoint(tmp_path):
+    """SIGKILL the whole stage (driver, its local Ray, the workers) once a checkpoint is registered; rerun."""
+    run_dir = make_run_dir(tmp_path / "run", max_users=80)
+    overrides = [f"{k}={v}" for k, v in {"run_dir": tmp_path / "run", "model.tokenizer_vocab_size": 600,
+                                          "data.seq_len": 128, "train.batch_size": 4, "train.log_every_steps": 2,
+                                          "train.checkpoint_every_steps": 3}.items()]
+    command = [sys.executable, "-m", "pipelines.midtrain", "--config", str(TINY_YAML), *overrides]
+    stage = subprocess.Popen(
+        [*command, "train.max_steps=1000"], cwd=REPO_ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    snapshot = tmp_path / "run" / "models" / "midtrain_ckpt" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    try:
+        # wait on the condition itself: Ray Train has registered a checkpoint in storage
+        while not (snapshot.exists() and "checkpoint_step_" in snapshot.read_text()):
+            assert stage.poll() is None, "the stage exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(stage.pid, signal.SIGKILL)
+        stage.wait()
+    assert not (tmp_path / "run" / "models" / "midtrain").exists()
+    done = subprocess.run([*command, "train.max_steps=12"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = read_trainer_state(run_dir, *OUTPUT)
+    assert state["step"] == 12 and state["resumed_from_step"] >= 3 and state["resumed_from_step"] % 3 == 0
+
+
+@pytest.mark.slow
+def test_midtrain_zero3_and_vllm_loads_the_model(tmp_path, ray_cluster):
+    run_dir = make_run_dir(tmp_path / "run", max_users=60)
+    run(_config(tmp_path / "run", "train.max_steps=4", "train.zero_stage=3"))
+    path, tokenizer, model = _published(run_dir)
+    prompt = encode_text(tokenizer, "Item: Lipstick")
+    # min tokens: both engines suppress the stop tokens for 8 steps, so an early stop cannot hide a mismatch
+    generated = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    expected = generated[0, len(prompt):].tolist()
+    script = textwrap.dedent(
+        f"""
+        import json
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        llm = LLM(model={path!r}, dtype="float32", enforce_eager=True, max_model_len=512,
+                  kv_cache_memory_bytes=256 * 2**20, distributed_executor_backend="uni")
+        out = llm.generate([TokensPrompt(prompt_token_ids={prompt!r})],
+                           SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0))
+        print("RESULT", json.dumps(list(out[0].outputs[0].token_ids)))
+        """
+    )
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="0")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    assert json.loads(lines[0][len("RESULT "):]) == expected
+
+
+def test_a_different_config_refuses_to_resume(tmp_path):
+    make_run_dir(tmp_path / "run", max_users=20)
+    run_dir = RunDir.open(str(tmp_path / "run"))
+    first = _config(tmp_path / "run")
+    _check_previous(first, run_dir, config_fingerprint(first, exclude=RESUMABLE_FIELDS))
+    with pytest.raises(StageOutputsMismatch, match="fields differ: inputs, model"):
+        run(_config(tmp_path / "run", "model.hidden_size=64"))
+    assert run_dir.exists("models", "midtrain_ckpt", "fingerprint.json")
