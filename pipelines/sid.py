@@ -51,26 +51,36 @@ class RqKMeansSection(Section):
 
 
 class RqVaeSection(Section):
+    """RQ-VAE settings; the fields of rec.sid.rq_vae.RQVAEParams."""
+
     latent_dim: int = Field(default=32, ge=1)
     """Dimension of the quantised latent."""
     hidden_dims: list[int] = [512, 256]
     """Encoder MLP widths (the decoder mirrors them)."""
-    epochs: int = Field(default=30, ge=1)
+    epochs: int = Field(default=50, ge=1)
     batch_size: int = Field(default=1024, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(default=0.0, ge=0)
     beta: float = Field(default=0.25, ge=0)
     """Commitment loss weight."""
     ema: bool = True
     """Update codebooks by exponential moving averages instead of the codebook loss."""
     ema_decay: float = Field(default=0.99, gt=0, lt=1)
+    ema_epsilon: float = Field(default=1e-5, gt=0)
+    """Laplace smoothing of the EMA cluster sizes."""
     dead_code_reset: bool = True
-    """Re-seed codes unused for a while from current residuals."""
+    """Re-seed codes that went unused during an epoch from current residuals."""
     dead_code_threshold: float = Field(default=1.0, ge=0)
-    """A code whose EMA usage falls below this count is dead."""
-    diversity_weight: float = Field(default=0.01, ge=0)
-    """Weight of the loss pushing the average code assignment towards uniform."""
+    """Assignments during an epoch below which a code is dead (1 = unused)."""
+    diversity_weight: float = Field(default=0.1, ge=0)
+    """Weight of the loss pushing the batch's average soft code assignment towards uniform."""
+    diversity_temperature: float = Field(default=0.1, gt=0)
+    """Softmax temperature of that soft assignment, relative to the batch's mean squared distance."""
     kmeans_init: bool = True
     """Initialise each codebook by k-means on the first pass of residuals."""
+    num_threads: int | None = Field(default=1, ge=1)
+    """Torch threads during the fit (1 makes codes identical across processes); null leaves them as they are."""
 
 
 class SidConfig(StageConfig):
