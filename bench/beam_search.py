@@ -1,0 +1,215 @@
+"""Benchmark: SID-constrained beam search (beam 20, batch 64) with the vectorised trie processor vs per-beam Python.
+
+Both runs use `rec.beam.hf_beam_search` on the same tiny Qwen3 and the same prompts; only the logits processor
+differs. The baseline is transformers' own `PrefixConstrainedLogitsProcessor`, asking a dict of SID prefix ->
+allowed tokens once per beam per step (the usual way to constrain HF generation to a trie). The vectorised
+processor (`rec.beam.SidTrieLogitsProcessor`) walks every beam through the tensor trie with one gather per level.
+Reported: wall time of the whole search and time inside the processor, the ratios, and whether both returned the
+same top-10. With `--vllm`, the vLLM back-end (rec.engines) runs the same batch too (in this process, last, since
+vLLM pins the process to a core).
+
+Default set-up: the tiny preset's model dims (hidden 128, 2 layers, tokenizer of 8192 BPE tokens trained on the
+bundled Beauty item text) with random weights, all 12,101 Beauty items with random 3 x 256 SIDs + the
+disambiguation level (the trie shape of the tiny preset), and real test histories as prompts. `--run-dir` takes the
+SIDs, histories and (if present) the mid-trained model of a run directory instead.
+
+    .venv/bin/python bench/beam_search.py [--batches 3] [--threads 1] [--max-len 256] [--run-dir runs/tiny] [--vllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, PrefixConstrainedLogitsProcessor
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rec.beam import SidDecoding, SidTrieLogitsProcessor, hf_beam_search  # noqa: E402
+from rec.midtrain_data import SidEncoder, next_item_prompt_ids, tokenizer_corpus  # noqa: E402
+
+NUM_BEAMS, BATCH, TOP_N, LEVELS, CODEBOOK = 20, 64, 10, 4, 256
+
+
+class Timed(LogitsProcessor):
+    """Wraps a processor and adds up the seconds spent in it."""
+
+    def __init__(self, inner: LogitsProcessor, clock: list[float]):
+        self.inner, self.clock = inner, clock
+
+    def __call__(self, input_ids, scores):
+        start = time.perf_counter()
+        out = self.inner(input_ids, scores)
+        self.clock[0] += time.perf_counter() - start
+        return out
+
+
+def prefix_table(decoding: SidDecoding) -> dict[tuple[int, ...], list[int]]:
+    """Every SID prefix (as generated token ids) -> the token ids allowed next: the Python baseline's lookup table."""
+    table: dict[tuple[int, ...], set[int]] = {}
+    frontier = [(0, ())]
+    for level in range(decoding.levels):
+        nxt = []
+        for node, tokens in frontier:
+            for code, child in enumerate(decoding.trie.children[node].tolist()):
+                if child >= 0:
+                    token = int(decoding.code_token_ids[level, code])
+                    table.setdefault(tokens, set()).add(token)
+                    nxt.append((child, (*tokens, token)))
+        frontier = nxt
+    return {prefix: sorted(tokens) for prefix, tokens in table.items()}
+
+
+def python_processor(table: dict[tuple[int, ...], list[int]], clock: list[float]):
+    def build(decoding, prompt_len, num_beams, excluded=None):
+        def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:
+            return table.get(tuple(sent[prompt_len:].tolist()), [])
+
+        return Timed(PrefixConstrainedLogitsProcessor(allowed, num_beams), clock)
+
+    return build
+
+
+def vectorised_processor(clock: list[float]):
+    def build(decoding, prompt_len, num_beams, excluded=None):
+        return Timed(SidTrieLogitsProcessor(decoding, prompt_len, num_beams, excluded), clock)
+
+    return build
+
+
+def setup(run_dir: str | None, seed: int):
+    """(model path, tokenizer, decoding, encoder, histories): a saved random tiny model, or a run dir's."""
+    from transformers import AutoTokenizer
+
+    from rec.data import leave_one_out, load_items, load_sequences
+    from rec.model import ModelSection, build_tiny_model, configure_special_ids, train_tokenizer
+    from rec.sid.quantize import disambiguate
+
+    if run_dir is not None:
+        from rec.io import RunDir
+
+        run = RunDir.open(run_dir)
+        sid_map = run.read_parquet("sid", "sid_map.parquet").to_pydict()
+        item_ids, codes = sid_map["item_id"], np.array(sid_map["codes"])
+        codebook = int(run.read_json("sid", "report.json")["codebook_size"])
+        histories = run.read_parquet("data", "test.parquet").column("history").to_pylist()
+        texts = run.read_parquet("data", "items.parquet").column("text").to_pylist()
+        model_dir = run.local_path("models", "midtrain")
+    else:
+        dataset = REPO / "data" / "amazon_beauty_2014_5core"
+        items = load_items(dataset / "items.jsonl")
+        item_ids = items.column("item_id").to_pylist()
+        texts = items.column("text").to_pylist()
+        sequences = load_sequences(dataset / "sequences.jsonl", set(item_ids), set())
+        histories = leave_one_out(sequences)["test"].column("history").to_pylist()
+        rng = np.random.default_rng(seed)
+        codes = disambiguate(rng.integers(0, CODEBOOK, size=(len(item_ids), LEVELS - 1)), CODEBOOK, seed)
+        codebook = CODEBOOK
+        model_dir = None
+    if model_dir is None or not os.path.exists(os.path.join(model_dir, "config.json")):
+        tokenizer = train_tokenizer(tokenizer_corpus(texts), 8192, codes.shape[1], codebook)
+        model = build_tiny_model(ModelSection(), len(tokenizer), seed=seed)
+        configure_special_ids(tokenizer, model)
+        model_dir = tempfile.mkdtemp(prefix="gr2-bench-beam-")
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    decoding = SidDecoding.from_sid_map(tokenizer, item_ids, codes, codebook)
+    encoder = SidEncoder(tokenizer, item_ids, codes, codebook)
+    return model_dir, tokenizer, decoding, encoder, histories
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=3, help="batches of 64 prompts timed per processor")
+    parser.add_argument("--run-dir", default=None, help="take SIDs, histories and model from this run directory")
+    parser.add_argument("--max-len", type=int, default=256, help="prompt + SID tokens (longer histories are cut)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core box, 2 threads mostly wait on each other)")
+    parser.add_argument("--vllm", action="store_true", help="also time the vLLM back-end on the same batches")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "beam_search.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    model_dir, tokenizer, decoding, encoder, histories = setup(args.run_dir, args.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    table = prefix_table(decoding)
+    rng = np.random.default_rng(args.seed)
+    batches = [[next_item_prompt_ids(encoder, histories[i], args.max_len) for i in
+                rng.choice(len(histories), BATCH, replace=False)] for _ in range(args.batches)]
+    hf_beam_search(model, decoding, batches[0][:4], NUM_BEAMS, TOP_N, pad_id=tokenizer.pad_token_id)  # warm-up
+
+    timings: dict[str, dict[str, list[float]]] = {}
+    answers: dict[str, list] = {}
+    for name, make in (("vectorised", vectorised_processor), ("python_prefix_lookup", None)):
+        timings[name] = {"total_s": [], "processor_s": []}
+        answers[name] = []
+        for prompts in batches:
+            clock = [0.0]
+            processor_cls = make(clock) if make else python_processor(table, clock)
+            start = time.perf_counter()
+            answers[name].append(hf_beam_search(model, decoding, prompts, NUM_BEAMS, TOP_N,
+                                                pad_id=tokenizer.pad_token_id, processor_cls=processor_cls))
+            timings[name]["total_s"].append(time.perf_counter() - start)
+            timings[name]["processor_s"].append(clock[0])
+    same = all(
+        [i for i, _ in a] == [i for i, _ in b]
+        for x, y in zip(answers["vectorised"], answers["python_prefix_lookup"]) for a, b in zip(x, y)
+    )
+    if args.vllm:
+        from rec.engines import VllmSidBeamSearch, start_llm
+
+        llm = start_llm(model_dir, max_model_len=args.max_len, kv_cache_memory_bytes=256 * 2**20, cpu_cores="0",
+                        block_size=32)
+        search = VllmSidBeamSearch(llm, decoding, NUM_BEAMS, TOP_N)
+        search.search(batches[0][:4])  # warm-up
+        timings["vllm"] = {"total_s": []}
+        vllm_same = True
+        for prompts, expected in zip(batches, answers["vectorised"]):
+            start = time.perf_counter()
+            found = search.search(prompts)
+            timings["vllm"]["total_s"].append(time.perf_counter() - start)
+            vllm_same &= all([i for i, _ in a] == [i for i, _ in b] for a, b in zip(found, expected))
+
+    median = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in timings.items()}
+    vec, naive = median["vectorised"], median["python_prefix_lookup"]
+    result = {
+        "setup": {"num_beams": NUM_BEAMS, "batch": BATCH, "top_n": TOP_N, "levels": decoding.levels,
+                  "codebook_size": decoding.codebook_size, "items": len(decoding.trie.leaf_item_ids),
+                  "vocab": len(tokenizer), "model_dir": model_dir if args.run_dir else "random tiny (preset dims)",
+                  "batches": args.batches, "max_len": args.max_len, "torch_threads": torch.get_num_threads(), "cpu": platform.processor(),
+                  "cores": os.cpu_count()},
+        "median_seconds_per_batch": median,
+        "speedup_total": naive["total_s"] / vec["total_s"],
+        "speedup_processor": naive["processor_s"] / vec["processor_s"],
+        "same_top10": same,
+        "raw": timings,
+    }
+    if args.vllm:
+        result["vllm_same_top10_as_hf"] = vllm_same
+    print(f"constrained beam search: beam {NUM_BEAMS}, batch {BATCH}, {result['setup']['items']} items, "
+          f"{decoding.levels} levels x {decoding.codebook_size} codes (median of {args.batches} batches)")
+    print(f"{'processor':<24}{'total s/batch':>14}{'processor s':>14}")
+    for name, m in median.items():
+        print(f"{name:<24}{m['total_s']:>14.3f}{m.get('processor_s', float('nan')):>14.3f}")
+    print(f"speed-up, whole search: {result['speedup_total']:.1f}x   processor alone: "
+          f"{result['speedup_processor']:.1f}x   same top-10: {same}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Stage `prerank`: the mid-trained model, decoding under the SID trie, proposes N candidates per row.
+
+Reads `<run_dir>/data/{train,valid,test}.parquet`, `<run_dir>/sid/{sid_map.parquet,report.json}` and the model
+(`<run_dir>/models/midtrain/`, or `model`); runs constrained beam search over the whole catalogue (rec.beam, the
+vLLM back-end in rec.engines) as a Ray Data actor pool of vLLM engines, each CPU actor bound to its own cores;
+writes `<run_dir>/candidates/{train,valid,test}.parquet` (user_id, history, target, candidates, scores) and
+`<run_dir>/prerank/metrics.json` (recall/NDCG@5,10 and target_in_candidates on the test rows; target_in_candidates
+of the train and valid rows).
+
+Rows: test = full history minus the last item (target = last); valid = history minus the last two (target = the
+second last); train = for each user the `train_prefixes_per_user` most recent prefixes of the sequence without its
+test item (the valid target first, then train-split items), dropping any row that holds the user's test target.
+Prompts are `rec.midtrain_data.next_item_prompt_ids`, exactly what mid-training taught.
+
+Resumable: finished results are flushed to `candidates/_parts/` every `flush_rows` rows, a rerun skips them, a
+finished split carries its config in its Parquet metadata and is skipped by a rerun with the same config.
+
+Local:    python -m pipelines.prerank --config pipelines/configs/tiny/prerank.yaml [run_dir=runs/tiny max_users.test=null]
+Cluster:  ray job submit --working-dir . -- python -m pipelines.prerank --config pipelines/configs/tiny/prerank.yaml \\
+              run_dir=/mnt/shared/gr2/beauty actors=8
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+from pydantic import Field, model_validator
+
+from pipelines.common import StageOutputsMismatch, exit_on_user_error, init_ray, parse_cli
+from rec.config import Section, StageConfig, config_fingerprint
+from rec.io import RunDir
+from rec.metrics import ranking_metrics, target_ranks
+
+log = logging.getLogger("gr2.prerank")
+
+SPLITS = ("train", "valid", "test")
+META_KEY = b"gr2_prerank_config"
+CANDIDATES_SCHEMA = pa.schema(
+    [("user_id", pa.int64()), ("history", pa.list_(pa.int64())), ("target", pa.int64()),
+     ("candidates", pa.list_(pa.int64())), ("scores", pa.list_(pa.float32()))]
+)
+# Fields that decide how fast, not what: they may change between a run and its resumption.
+RESOURCE_FIELDS = {"run_dir", "overwrite", "num_cpus", "actors", "cpus_per_actor", "gpus_per_actor", "bind_cores",
+                   "batch_size", "flush_rows", "max_users"}
+
+
+class SplitUsers(Section):
+    """How many users (the first ones of each data file) each split takes; null takes all."""
+
+    train: int | None = Field(default=None, ge=0)
+    valid: int | None = Field(default=None, ge=0)
+    test: int | None = Field(default=None, ge=0)
+
+
+class EngineSection(Section):
+    """vLLM engine arguments (one engine per actor)."""
+
+    max_model_len: int = Field(default=1024, ge=32)
+    """Longest prompt + SID; longer histories keep their most recent items."""
+    kv_cache_memory_bytes: int | None = Field(default=256 * 2**20, ge=1)
+    """KV cache per engine (required on CPU); null lets a GPU engine size it from gpu_memory_utilization."""
+    dtype: str = "float32"
+    """Model dtype in the engine (float32 on CPU, bfloat16 on GPU)."""
+    block_size: int | None = Field(default=32, ge=1)
+    """KV block size; the prefix cache shares whole blocks (CPU attention needs a multiple of 32)."""
+    enforce_eager: bool = True
+    """No graph capture (CPU needs it; GPUs run faster with false)."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Any other `vllm.LLM` argument, e.g. {gpu_memory_utilization: 0.8, tensor_parallel_size: 1}."""
+
+
+class PrerankConfig(StageConfig):
+    model: str | None = None
+    """Checkpoint to decode with (a local path); null is `<run_dir>/models/midtrain`."""
+    backend: Literal["vllm", "hf"] = "vllm"
+    """vLLM engines, or HF generate with the vectorised trie processor (the reference; slower)."""
+    max_users: SplitUsers = Field(default_factory=SplitUsers)
+    """Users per split (the first N of data/{split}.parquet; train rows come from the first N train users)."""
+    train_prefixes_per_user: int | None = Field(default=2, ge=1)
+    """Training rows per user: this many most recent prefixes (null: every prefix after min_history items)."""
+    train_include_valid: bool = True
+    """The valid target is the most recent training prefix; false keeps the valid rows out of training."""
+    min_history: int = Field(default=1, ge=0)
+    """Training prefixes have at least this many history items."""
+    num_beams: int = Field(default=20, ge=1)
+    """Beam width of the constrained search."""
+    top_n: int = Field(default=10, ge=1)
+    """Candidates per row."""
+    exclude_history: bool = True
+    """Never propose an item already in the row's history (masked at the last SID level)."""
+    engine: EngineSection = Field(default_factory=EngineSection)
+    """vLLM engine arguments."""
+    actors: int = Field(default=2, ge=1)
+    """Engines in the Ray Data actor pool."""
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    """Logical CPUs per actor; on CPU also the number of cores its engine is bound to (rounded, at least 1)."""
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    """GPUs per actor (0 on CPU machines)."""
+    bind_cores: bool = True
+    """CPU actors bind their engine to cores of their own (VLLM_CPU_OMP_THREADS_BIND) instead of all to core 0."""
+    batch_size: int = Field(default=64, ge=1)
+    """Rows per actor call (all their beams go to the engine together)."""
+    flush_rows: int = Field(default=1024, ge=1)
+    """Finished rows are saved to candidates/_parts/ at least this often (what a rerun after a crash keeps)."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """Logical CPUs for a local Ray (null: actors x cpus_per_actor + 1); ignored when attaching to a cluster."""
+    overwrite: bool = False
+    """Recompute every split from scratch (otherwise finished splits are kept, and a different config is an error)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> PrerankConfig:
+        if self.top_n > self.num_beams:
+            raise ValueError(f"top_n ({self.top_n}) must be <= num_beams ({self.num_beams})")
+        return self
+
+
+def build_rows(
+    train: pa.Table, valid: pa.Table, test: pa.Table, cfg: PrerankConfig
+) -> dict[str, pa.Table]:
+    """The rows to pre-rank per split: (row_id, user_id, history, target), in a deterministic order."""
+    def first(table: pa.Table, n: int | None) -> pa.Table:
+        return table if n is None else table.slice(0, n)
+
+    rows = {}
+    for split, table in (("valid", valid), ("test", test)):
+        table = first(table, getattr(cfg.max_users, split)).select(["user_id", "history", "target"])
+        rows[split] = table
+    valid_target = dict(zip(valid.column("user_id").to_pylist(), valid.column("target").to_pylist()))
+    test_target = dict(zip(test.column("user_id").to_pylist(), test.column("target").to_pylist()))
+    users, histories, targets = [], [], []
+    for user, items in zip(*(first(train, cfg.max_users.train).column(c).to_pylist() for c in ("user_id", "item_ids"))):
+        if user not in valid_target or user not in test_target:
+            raise ValueError(f"user {user} of data/train.parquet has no valid/test row; rerun the prepare stage")
+        sequence = items + [valid_target[user]] if cfg.train_include_valid else items
+        positions = range(max(cfg.min_history, 0), len(sequence))
+        if cfg.train_prefixes_per_user is not None:
+            positions = positions[-cfg.train_prefixes_per_user:]
+        held_out = test_target[user]
+        for position in positions:
+            history = sequence[:position]
+            if sequence[position] == held_out or held_out in history:  # no test target in any training row
+                continue
+            users.append(user)
+            histories.append(history)
+            targets.append(sequence[position])
+    rows["train"] = pa.table(
+        {"user_id": users, "history": histories, "target": targets},
+        schema=pa.schema([("user_id", pa.int64()), ("history", pa.list_(pa.int64())), ("target", pa.int64())]),
+    )
+    return {split: rows[split].append_column("row_id", pa.array(np.arange(rows[split].num_rows), pa.int64()))
+            for split in SPLITS}
+
+
+class PrerankBatch:
+    """Ray Data actor: rows (split, row_id, history) -> top-N candidates; one engine per actor, built once."""
+
+    def __init__(self, run_dir: str, model: str, codebook_size: int, cfg: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        from pipelines.common import setup_logging
+        from rec.beam import SidDecoding
+        from rec.midtrain_data import SidEncoder
+
+        setup_logging()
+        cfg = PrerankConfig.model_validate(cfg)
+        sid_map = RunDir.open(run_dir).read_parquet("sid", "sid_map.parquet").to_pydict()
+        codes = np.array(sid_map["codes"], dtype=np.int64)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        self.encoder = SidEncoder(tokenizer, sid_map["item_id"], codes, codebook_size)
+        self.decoding = SidDecoding.from_sid_map(tokenizer, sid_map["item_id"], codes, codebook_size)
+        self.cfg = cfg
+        cores = max(1, round(cfg.cpus_per_actor))
+        if cfg.backend == "hf":
+            import torch
+
+            from rec.model import load_student
+
+            torch.set_num_threads(cores)
+            self.pad_id = tokenizer.pad_token_id
+            self.model = load_student(model, dtype=getattr(torch, cfg.engine.dtype))[1].eval()
+            return
+        from rec.engines import VllmSidBeamSearch, claim_cpu_cores, start_llm
+
+        claim = claim_cpu_cores(cores) if cfg.bind_cores and cfg.gpus_per_actor == 0 else None
+        self._core_lock = claim[1] if claim else None  # held for the actor's life
+        engine = cfg.engine
+        llm = start_llm(
+            model, max_model_len=engine.max_model_len, kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
+            dtype=engine.dtype, cpu_cores=claim[0] if claim else None, block_size=engine.block_size,
+            enforce_eager=engine.enforce_eager, **engine.extra,
+        )
+        log.info("prerank actor: vLLM engine on cores %s", claim[0] if claim else "-")
+        self.search = VllmSidBeamSearch(llm, self.decoding, cfg.num_beams, cfg.top_n)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from rec.beam import hf_beam_search
+        from rec.midtrain_data import next_item_prompt_ids
+
+        histories = batch.column("history").to_pylist()
+        prompts = [next_item_prompt_ids(self.encoder, h, self.cfg.engine.max_model_len) for h in histories]
+        exclude = histories if self.cfg.exclude_history else None
+        if self.cfg.backend == "hf":
+            results = hf_beam_search(self.model, self.decoding, prompts, self.cfg.num_beams, self.cfg.top_n,
+                                     exclude=exclude, pad_id=self.pad_id)
+        else:
+            results = self.search.search(prompts, exclude)
+        return pa.table({
+            "split": batch.column("split"),
+            "row_id": batch.column("row_id"),
+            "candidates": pa.array([[i for i, _ in r] for r in results], pa.list_(pa.int64())),
+            "scores": pa.array([[s for _, s in r] for r in results], pa.list_(pa.float32())),
+        })
+
+
+def _model_digest(model: str) -> str:
+    """Identifies the checkpoint: names and sizes of its files, contents of the small ones (configs, reports)."""
+    digest = hashlib.sha256()
+    fs, root = pafs.LocalFileSystem(), model
+    infos = sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda info: info.path)
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        digest.update(f"{info.path[len(root):]}\t{info.size}\n".encode())
+        if info.size < 1 << 20:
+            with fs.open_input_stream(info.path) as src:
+                digest.update(src.read())
+    return digest.hexdigest()[:16]
+
+
+def split_fingerprints(cfg: PrerankConfig, model: str) -> dict[str, dict[str, Any]]:
+    common = config_fingerprint(cfg, exclude=RESOURCE_FIELDS)
+    common["engine"].pop("kv_cache_memory_bytes", None)
+    common["model_digest"] = _model_digest(model)
+    return {split: {**common, "max_users": getattr(cfg.max_users, split)} for split in SPLITS}
+
+
+def _fingerprint_of(run_dir: RunDir, split: str) -> dict | None:
+    import pyarrow.parquet as pq
+
+    if not run_dir.exists("candidates", f"{split}.parquet"):
+        return None
+    schema = pq.read_schema(run_dir.path("candidates", f"{split}.parquet"), filesystem=run_dir.fs)
+    raw = (schema.metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def _parts_dir(split: str, fingerprint: dict) -> tuple[str, str]:
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    return "candidates", f"_parts/{split}-{key}"
+
+
+def _read_parts(run_dir: RunDir, split: str, fingerprint: dict) -> pa.Table | None:
+    import pyarrow.parquet as pq
+
+    path = run_dir.path(*_parts_dir(split, fingerprint))
+    infos = run_dir.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-"))
+    columns = ["row_id", "candidates", "scores"]
+    return pa.concat_tables([pq.read_table(f, filesystem=run_dir.fs, columns=columns) for f in files]) if files else None
+
+
+def run_search(cfg: PrerankConfig, run_dir: RunDir, model: str, pending: pa.Table, fingerprints: dict) -> None:
+    """Pre-rank the `pending` rows (split, row_id, history) on a Ray Data actor pool; results go to the parts."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    init_ray(cfg.num_cpus or math.ceil(cfg.actors * cfg.cpus_per_actor) + 1)
+    blocks = [pending.slice(start, cfg.batch_size) for start in range(0, pending.num_rows, cfg.batch_size)]
+    results = ray.data.from_arrow(blocks).map_batches(
+        PrerankBatch,
+        fn_constructor_kwargs={"run_dir": cfg.run_dir, "model": model,
+                               "codebook_size": int(run_dir.read_json("sid", "report.json")["codebook_size"]),
+                               "cfg": cfg.model_dump(mode="json")},
+        compute=ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+    )
+    start, done, buffered = time.perf_counter(), 0, []
+
+    def flush() -> None:
+        table = pa.concat_tables(buffered)
+        buffered.clear()
+        for split in SPLITS:
+            part = table.filter(pc.equal(table.column("split"), split))
+            if part.num_rows:
+                run_dir.write_parquet(part, *_parts_dir(split, fingerprints[split]), f"part-{uuid.uuid4().hex}.parquet")
+
+    for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+        buffered.append(batch)
+        done += batch.num_rows
+        if sum(b.num_rows for b in buffered) >= cfg.flush_rows:
+            flush()
+            seconds = time.perf_counter() - start
+            log.info("prerank: %d / %d rows (%.1f rows/s)", done, pending.num_rows, done / max(seconds, 1e-9))
+    if buffered:
+        flush()
+    log.info("prerank: %d rows in %.1f s", done, time.perf_counter() - start)
+
+
+def _hit_rate(table: pa.Table) -> float | None:
+    if table.num_rows == 0:
+        return None
+    hits = [t in c for t, c in zip(table.column("target").to_pylist(), table.column("candidates").to_pylist())]
+    return float(np.mean(hits))
+
+
+def compute_metrics(tables: dict[str, pa.Table], top_n: int) -> dict[str, Any]:
+    """Test-row ranking metrics over the full catalogue, and target_in_candidates for every split."""
+    test = tables["test"]
+    metrics: dict[str, Any] = {}
+    if test.num_rows:
+        ranked = np.full((test.num_rows, top_n), -1, dtype=np.int64)
+        for row, candidates in enumerate(test.column("candidates").to_pylist()):
+            ranked[row, : len(candidates)] = candidates
+        ranks = target_ranks(ranked, test.column("target").to_numpy())
+        full = ranking_metrics(ranks, ks=(1, 5, 10))
+        metrics = {"users": full["users"], **{k: full[k] for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10")}}
+    metrics["target_in_candidates"] = _hit_rate(test)
+    metrics["target_in_candidates_train"] = _hit_rate(tables["train"])
+    metrics["target_in_candidates_valid"] = _hit_rate(tables["valid"])
+    metrics["rows"] = {split: table.num_rows for split, table in tables.items()}
+    return metrics
+
+
+def splits_to_do(run_dir: RunDir, fingerprints: dict[str, dict], overwrite: bool) -> list[str]:
+    """Splits without a finished file of this config; a finished file of another config is an error."""
+    todo = []
+    for split in SPLITS:
+        previous = _fingerprint_of(run_dir, split)
+        if overwrite or previous is None:
+            todo.append(split)
+        elif previous == fingerprints[split]:
+            log.info("prerank: candidates/%s.parquet already written with this config; skipping", split)
+        else:
+            changed = sorted(k for k in set(previous) | set(fingerprints[split])
+                             if previous.get(k) != fingerprints[split].get(k))
+            raise StageOutputsMismatch(
+                f"prerank: {run_dir.path('candidates', split + '.parquet')} was written by a different config "
+                f"(fields differ: {', '.join(changed)}); use a new run_dir or overwrite=true"
+            )
+    return todo
+
+
+def pending_rows(run_dir: RunDir, rows: dict[str, pa.Table], todo: list[str], fingerprints: dict) -> pa.Table:
+    """(row_id, history, split) of the rows of `todo` splits that no earlier run finished."""
+    pending = []
+    for split in todo:
+        table = rows[split]
+        parts = _read_parts(run_dir, split, fingerprints[split])
+        if parts is not None:
+            table = table.filter(pc.invert(pc.is_in(table.column("row_id"), parts.column("row_id"))))
+            log.info("prerank: %s: %d rows done by an earlier run, %d to go", split, parts.num_rows, table.num_rows)
+        pending.append(table.select(["row_id", "history"]).append_column(
+            "split", pa.array([split] * table.num_rows, pa.string())))
+    schema = pa.schema([("row_id", pa.int64()), ("history", pa.list_(pa.int64())), ("split", pa.string())])
+    return pa.concat_tables(pending) if pending else schema.empty_table()
+
+
+def finish_split(run_dir: RunDir, split: str, rows: pa.Table, fingerprint: dict) -> None:
+    """Join the split's rows with their results from the parts; write candidates/{split}.parquet."""
+    parts = _read_parts(run_dir, split, fingerprint)
+    if parts is None:
+        parts = pa.table({"row_id": pa.array([], pa.int64()), "candidates": pa.array([], pa.list_(pa.int64())),
+                          "scores": pa.array([], pa.list_(pa.float32()))})
+    found = parts.sort_by("row_id")
+    if found.column("row_id").to_pylist() != rows.column("row_id").to_pylist():
+        raise RuntimeError(f"prerank: {split}: results do not cover every row once; rerun to finish the missing ones")
+    out = pa.table(
+        {"user_id": rows.column("user_id"), "history": rows.column("history"), "target": rows.column("target"),
+         "candidates": found.column("candidates"), "scores": found.column("scores")},
+        schema=CANDIDATES_SCHEMA,
+    ).replace_schema_metadata({META_KEY: json.dumps(fingerprint).encode()})
+    run_dir.write_parquet(out, "candidates", f"{split}.parquet")
+
+
+def run(cfg: PrerankConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    run_dir = RunDir.open(cfg.run_dir)
+    model = cfg.model or run_dir.local_path("models", "midtrain")
+    if not pafs.LocalFileSystem().get_file_info(f"{model}/config.json").is_file:
+        raise FileNotFoundError(f"no model at {model} (config.json missing); run the midtrain stage first")
+    fingerprints = split_fingerprints(cfg, model)
+    rows = build_rows(*(run_dir.read_parquet("data", f"{s}.parquet") for s in SPLITS), cfg)
+    todo = splits_to_do(run_dir, fingerprints, cfg.overwrite)
+    if cfg.overwrite and run_dir.exists("candidates", "_parts"):
+        run_dir.fs.delete_dir(run_dir.path("candidates", "_parts"))
+    pending = pending_rows(run_dir, rows, todo, fingerprints)
+    if pending.num_rows:
+        log.info("prerank: %d rows to pre-rank (%s) with %d %s actor(s)", pending.num_rows, ", ".join(todo),
+                 cfg.actors, cfg.backend)
+        run_search(cfg, run_dir, model, pending, fingerprints)
+    for split in todo:
+        finish_split(run_dir, split, rows[split], fingerprints[split])
+    if todo and run_dir.exists("candidates", "_parts"):  # every split is final now; parts of other configs are stale
+        run_dir.fs.delete_dir(run_dir.path("candidates", "_parts"))
+    tables = {split: run_dir.read_parquet("candidates", f"{split}.parquet") for split in SPLITS}
+    metrics = compute_metrics(tables, cfg.top_n)
+    metrics.update(seconds=round(time.perf_counter() - started, 1), config=fingerprints["test"])
+    run_dir.write_json(metrics, "prerank", "metrics.json")
+    return metrics
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(PrerankConfig, __doc__, argv)
+    metrics = run(cfg)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""vLLM back-end of the SID beam search: a beam over the trie levels driven from Python, one engine call per level.
+
+`rec.beam.hf_beam_search` is the reference; `VllmSidBeamSearch.search` returns the same top-N for the same
+checkpoint. Each level sends one request per live beam: the prompt plus the beam's codes so far, `max_tokens=1`,
+and `logprob_token_ids` = the codes the trie allows next (vLLM returns the raw log-probabilities of exactly those
+tokens, normalised over the full vocabulary as HF's beam scores are). The prompt is shared by all beams of a user,
+so vLLM's prefix cache computes it once. The best `num_beams` (beam, code) pairs of each prompt survive.
+
+Why not the alternatives DESIGN.md lists: `LLM.beam_search` cannot see custom logits processors, and a V1 logits
+processor only masks tokens inside vLLM's own sampling loop, which has no beam search; the beam still has to be
+driven from here, so one `generate` per level with `logprob_token_ids` is the direct route.
+
+vLLM is imported inside functions only (rec/ stays importable without it). Start engines with `start_llm`, which
+sets the CPU thread binding before vLLM reads it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from rec.beam import SidDecoding, check_beam_args
+
+# vLLM rejects longer `logprob_token_ids` lists (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS); wider trie nodes
+# (up to codebook_size children) are split over several requests that share the prompt, hence the prefix cache.
+MAX_LOGPROB_IDS = 128
+
+
+def start_llm(
+    model: str,
+    max_model_len: int,
+    kv_cache_memory_bytes: int | None = None,
+    dtype: str = "float32",
+    cpu_cores: str | None = None,
+    in_process: bool = True,
+    **engine_args: Any,
+):
+    """A `vllm.LLM` for `model` (a local HF checkpoint or hub id).
+
+    `cpu_cores` (e.g. "0", "2-3" or "0,2") binds vLLM's OpenMP threads on CPU builds (VLLM_CPU_OMP_THREADS_BIND; vLLM binds
+    every engine to core 0 otherwise); `in_process` runs the engine core in this process (no engine subprocess:
+    ~2 s start instead of ~20 s on CPU). Both are environment settings vLLM reads when the engine starts.
+    """
+    if cpu_cores is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
+    if in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        engine_args.setdefault("distributed_executor_backend", "uni")
+    from vllm import LLM
+
+    if kv_cache_memory_bytes is not None:
+        engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    engine_args.setdefault("enforce_eager", True)
+    engine_args.setdefault("enable_prefix_caching", True)
+    return LLM(model=model, dtype=dtype, max_model_len=max_model_len, **engine_args)
+
+
+class VllmSidBeamSearch:
+    """Trie-constrained beam search over a `vllm.LLM`: the API and answers of `rec.beam.hf_beam_search`."""
+
+    def __init__(self, llm, decoding: SidDecoding, num_beams: int, top_n: int):
+        check_beam_args(num_beams, top_n)
+        self.llm = llm
+        self.decoding = decoding
+        self.num_beams = num_beams
+        self.top_n = top_n
+
+    def _score(self, requests: list[tuple[list[int], np.ndarray]]) -> list[np.ndarray]:
+        """Raw log-probabilities of the given next tokens after each prompt (one engine call for all)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts, params = [], []
+        for prompt, token_ids in requests:
+            prompts.append(TokensPrompt(prompt_token_ids=prompt))
+            params.append(
+                SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=token_ids.tolist(), detokenize=False)
+            )
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        scores = []
+        for (_, token_ids), output in zip(requests, outputs):
+            by_token = output.outputs[0].logprobs[0]
+            scores.append(np.array([by_token[int(t)].logprob for t in token_ids], dtype=np.float64))
+        return scores
+
+    def search(
+        self, prompts: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]] | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """Per prompt, up to `top_n` distinct (item_id, score), best first; `exclude[i]` items are never returned."""
+        if exclude is not None and len(exclude) != len(prompts):
+            raise ValueError(f"exclude has {len(exclude)} rows for {len(prompts)} prompts")
+        decoding = self.decoding
+        token_ids = decoding.code_token_ids.numpy()
+        prompts = [decoding.prompt_ids(p) for p in prompts]
+        excluded = [set(map(int, items)) for items in exclude] if exclude is not None else [set()] * len(prompts)
+        # per prompt: the live beams as (codes so far, node, score)
+        beams: list[list[tuple[tuple[int, ...], int, float]]] = [[((), 0, 0.0)] for _ in prompts]
+        for level in range(decoding.levels):
+            token_row = token_ids[level]
+            requests, owners = [], []
+            for row, prompt in enumerate(prompts):
+                for beam_index, (codes, node, _) in enumerate(beams[row]):
+                    child_codes, child_nodes = decoding.children_of(node, level, excluded[row])
+                    prefix = prompt + token_ids[np.arange(level), list(codes)].tolist()
+                    for start in range(0, len(child_codes), MAX_LOGPROB_IDS):
+                        chunk = slice(start, start + MAX_LOGPROB_IDS)
+                        requests.append((prefix, token_row[child_codes[chunk]]))
+                        owners.append((row, beam_index, child_codes[chunk], child_nodes[chunk]))
+            scored = self._score(requests) if requests else []
+            candidates: list[list[tuple[float, tuple[int, ...], int]]] = [[] for _ in prompts]
+            for (row, beam_index, child_codes, child_nodes), logprobs in zip(owners, scored):
+                codes, _, score = beams[row][beam_index]
+                for code, node, logprob in zip(child_codes.tolist(), child_nodes.tolist(), logprobs.tolist()):
+                    candidates[row].append((score + logprob, (*codes, code), node))
+            # stable sort: ties keep beam order, then code order (as a top-k over [beam, vocab] tends to)
+            beams = [
+                [(codes, node, score) for score, codes, node in sorted(row, key=lambda c: -c[0])[: self.num_beams]]
+                for row in candidates
+            ]
+        leaf_items = decoding.trie.leaf_item_ids.numpy()
+        results = []
+        for row in beams:
+            results.append(
+                [(int(leaf_items[node - decoding.trie.num_internal]), float(score)) for _, node, score in row][: self.top_n]
+            )
+        return results
+
+
+def claim_cpu_cores(count: int, lock_dir: str | None = None) -> tuple[str, Any] | None:
+    """Reserve `count` cores of this node for one engine: (VLLM_CPU_OMP_THREADS_BIND value, lock to keep open).
+
+    Engines on one node (e.g. the actors of a Ray Data pool, which are not numbered) take consecutive blocks of the
+    cores this process may run on, first come first served, through exclusive file locks that the OS releases when
+    the process exits. Returns None when every block is taken (more engines than cores: leave the binding to vLLM).
+    """
+    import fcntl
+    import tempfile
+
+    cores = sorted(os.sched_getaffinity(0))
+    directory = lock_dir or os.path.join(tempfile.gettempdir(), "gr2-vllm-cores")
+    os.makedirs(directory, exist_ok=True)
+    for start in range(0, len(cores) - count + 1, count):
+        block = cores[start : start + count]
+        handle = open(os.path.join(directory, f"cores-{block[0]}-{block[-1]}.lock"), "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return ",".join(map(str, block)), handle
+    return None
