@@ -4,6 +4,7 @@
   read the way the API server reads it with strict field validation (`kubectl apply` defaults to
   `--validate=strict`): unknown fields are errors. A broken copy of each manifest must fail.
 - Every RayJob runs an existing stage module with an existing preset, and every GPU preset of a stage has a RayJob.
+- A RayJob's worker pods give exactly the GPUs (and at least the CPUs) that its stage's preset asks Ray for.
 - ray_cluster.yaml passes the cluster launcher's own schema and config preparation from the installed `ray`.
 - Ray versions agree everywhere: `ray.__version__`, the pyproject pin, `rayVersion`, the Docker base image.
 - No credential is written into a manifest: secrets come from secretKeyRef / secretRef.
@@ -28,6 +29,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from pydantic import BaseModel
 
 from rec.config import StageConfig, load_config
 
@@ -210,6 +212,73 @@ def test_rayjob_runs_an_existing_stage_with_its_gpu_preset(label: str, doc: dict
     overrides = [re.sub(r"\$\{?[A-Z_][A-Z0-9_]*\}?", "s3://bucket/run", arg) for arg in argv[5:]]
     cfg = load_config(stage_config_class(f"pipelines.{stage}"), REPO / argv[4], overrides)
     assert cfg.run_dir.startswith(("s3://", "gs://", "/")), f"{label}: run_dir {cfg.run_dir!r} is not shared storage"
+
+
+def _quantity(value: Any) -> float:
+    """A Kubernetes CPU/GPU quantity ("8", "500m", 1) as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def stage_demand(cfg: StageConfig) -> tuple[float, float]:
+    """(GPUs, CPUs) that the stage asks Ray for, from its config: the largest Ray Train worker group or actor pool
+    (a stage runs them one after another)."""
+    demands = [(0.0, 0.0)]
+    pending: list[Any] = [cfg]
+    while pending:
+        section = pending.pop()
+        fields = type(section).model_fields
+        if {"num_workers", "use_gpu", "cpus_per_worker"} <= set(fields):
+            demands.append((float(section.num_workers if section.use_gpu else 0),
+                            section.num_workers * section.cpus_per_worker))
+        if {"actors", "gpus_per_actor", "cpus_per_actor"} <= set(fields):
+            demands.append((section.actors * section.gpus_per_actor, section.actors * section.cpus_per_actor))
+        pending += [value for name in fields if isinstance(value := getattr(section, name), BaseModel)]
+    return max(d[0] for d in demands), max(d[1] for d in demands)
+
+
+def job_supply(doc: dict) -> tuple[float, float]:
+    """(GPUs, CPUs) that a RayJob's worker pods give Ray (its heads run with num-cpus 0 or do the stage's own work)."""
+    gpus = cpus = 0.0
+    for group in doc["spec"]["rayClusterSpec"].get("workerGroupSpecs", []):
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        gpus += group["replicas"] * _quantity(limits.get("nvidia.com/gpu", 0))
+        cpus += group["replicas"] * _quantity(limits["cpu"])
+    return gpus, cpus
+
+
+def resource_mismatches(doc: dict, cfg: StageConfig) -> list[str]:
+    """Where a RayJob's pods and its stage's preset disagree: every GPU pod is used (a GPU nobody asks for is paid
+    for, one too few leaves an actor pending forever), and the CPUs asked for exist."""
+    (gpus, cpus), (pod_gpus, pod_cpus) = stage_demand(cfg), job_supply(doc)
+    errors = []
+    if doc["spec"]["rayClusterSpec"].get("workerGroupSpecs") and gpus != pod_gpus:
+        errors.append(f"the preset uses {gpus:g} GPUs, the worker pods have {pod_gpus:g}")
+    if pod_cpus and cpus > pod_cpus:
+        errors.append(f"the preset asks for {cpus:g} CPUs, the worker pods have {pod_cpus:g}")
+    return errors
+
+
+def _job_config(doc: dict, extra: list[str] = ()) -> StageConfig:
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    stage = argv[2].removeprefix("pipelines.")
+    overrides = [re.sub(r"\$\{?[A-Z_][A-Z0-9_]*\}?", "s3://bucket/run", arg) for arg in argv[5:]]
+    return load_config(stage_config_class(f"pipelines.{stage}"), REPO / argv[4], [*overrides, *extra])
+
+
+@pytest.mark.parametrize("label,doc", of_kind("RayJob"), ids=[label for label, _ in of_kind("RayJob")])
+def test_rayjob_pods_match_the_preset_resources(label: str, doc: dict):
+    assert resource_mismatches(doc, _job_config(doc)) == [], label
+
+
+@pytest.mark.parametrize("stage,override", [("midtrain", "train.num_workers=16"), ("prerank", "actors=8"),
+                                            ("prerank", "cpus_per_actor=9"), ("sid", "embed.gpus_per_actor=0")])
+def test_resource_mismatch_is_caught(stage: str, override: str):
+    jobs = {Path(label).stem: doc for label, doc in of_kind("RayJob")}
+    if stage not in jobs:
+        pytest.skip(f"cluster/jobs/{stage}.yaml does not exist")
+    assert resource_mismatches(jobs[stage], _job_config(jobs[stage])) == []
+    assert resource_mismatches(jobs[stage], _job_config(jobs[stage], [override])), override
 
 
 def test_every_gpu_preset_stage_has_a_rayjob():
