@@ -43,6 +43,8 @@ test-slow: setup
 demo: setup
 	$(PY) -m pipelines.prepare --config pipelines/configs/$(PRESET)/prepare.yaml run_dir=$(RUN_DIR)
 	$(PY) -m pipelines.sid --config pipelines/configs/$(PRESET)/sid.yaml run_dir=$(RUN_DIR)
+	$(PY) -m pipelines.midtrain --config pipelines/configs/$(PRESET)/midtrain.yaml run_dir=$(RUN_DIR)
+	$(PY) -m pipelines.prerank --config pipelines/configs/$(PRESET)/prerank.yaml run_dir=$(RUN_DIR)
 
 bench: setup
 	$(PY) bench/sid_ablation.py
