@@ -96,7 +96,12 @@ def init_ray(num_cpus: int | None = None) -> None:
         setup_env()
         temp = Path(os.environ["RAY_TMPDIR"])
         temp.mkdir(parents=True, exist_ok=True)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp))
+        # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls every few seconds
+        # (without it, it logs a warning each time); it listens on loopback only.
+        ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+            _temp_dir=str(temp),
+        )
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
