@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -81,6 +82,26 @@ def exit_on_user_error(fn):
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def local_cpus(requested: int | None, reserved: float, what: str) -> int:
+    """Logical CPUs for a private local Ray: `requested`, or what the actors/workers reserve plus one.
+
+    The extra CPU is for Ray Data's read and split tasks: if actors hold every CPU, those tasks never get scheduled
+    and the pipeline waits forever, so a `requested` count without that headroom is refused up front.
+
+    >>> local_cpus(None, 2.0, "2 actors x 1 CPU")
+    3
+    """
+    needed = math.ceil(reserved) + 1
+    if requested is None:
+        return needed
+    if requested < needed:
+        raise ConfigError(
+            f"num_cpus={requested} leaves no CPU for Ray Data's own tasks: {what} reserve {reserved:g}; "
+            f"set num_cpus >= {needed} (logical CPUs may exceed the physical cores) or reserve fewer"
+        )
+    return requested
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from pipelines.common import StageOutputsMismatch, exit_on_user_error, init_ray, parse_cli
+from pipelines.common import StageOutputsMismatch, exit_on_user_error, init_ray, local_cpus, parse_cli
 from pipelines.train_utils import TrainJob, TrainSection, fit, publish_checkpoint, read_trainer_state
 from rec.config import Section, StageConfig, config_fingerprint
 from rec.io import RunDir
@@ -201,7 +201,7 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
         log.info("midtrain: %s already trained to step %d; nothing to do", run_dir.path(*OUTPUT), total_steps)
         return run_dir.read_json(*OUTPUT, REPORT)
 
-    init_ray(num_cpus=math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1)
+    init_ray(local_cpus(None, cfg.train.num_workers * cfg.train.cpus_per_worker, "the Ray Train workers"))
     import ray.data
 
     dataset = ray.data.from_items(rows)

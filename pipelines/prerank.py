@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 import uuid
 from typing import Any, Literal
@@ -36,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from pydantic import Field, model_validator
 
-from pipelines.common import StageOutputsMismatch, exit_on_user_error, init_ray, parse_cli
+from pipelines.common import StageOutputsMismatch, exit_on_user_error, init_ray, local_cpus, parse_cli
 from rec.config import Section, StageConfig, config_fingerprint
 from rec.io import RunDir
 from rec.metrics import ranking_metrics, target_ranks
@@ -274,7 +273,7 @@ def run_search(cfg: PrerankConfig, run_dir: RunDir, model: str, pending: pa.Tabl
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    init_ray(cfg.num_cpus or math.ceil(cfg.actors * cfg.cpus_per_actor) + 1)
+    init_ray(local_cpus(cfg.num_cpus, cfg.actors * cfg.cpus_per_actor, "the vLLM actors"))
     blocks = [pending.slice(start, cfg.batch_size) for start in range(0, pending.num_rows, cfg.batch_size)]
     results = ray.data.from_arrow(blocks).map_batches(
         PrerankBatch,

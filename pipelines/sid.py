@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from pipelines.common import already_done, exit_on_user_error, init_ray, parse_cli
+from pipelines.common import already_done, exit_on_user_error, init_ray, local_cpus, parse_cli
 from rec.config import Section, StageConfig, config_fingerprint
 from rec.io import RunDir
 from rec.sid import QUANTIZERS, disambiguate, render_sid, sid_report
@@ -96,7 +96,7 @@ class SidConfig(StageConfig):
     rq_kmeans: RqKMeansSection = RqKMeansSection()
     rq_vae: RqVaeSection = RqVaeSection()
     num_cpus: int | None = Field(default=None, ge=1)
-    """Logical CPUs for a local Ray (null: all cores); ignored when attaching to a cluster."""
+    """Logical CPUs for a private local Ray (null: what the encoder actors reserve + 1); ignored under a cluster."""
     overwrite: bool = False
     """Recompute the SIDs even if they exist (embeddings are reused while encoder and item texts are unchanged)."""
 
@@ -166,7 +166,7 @@ def load_or_embed(run_dir: RunDir, cfg: SidConfig) -> tuple[np.ndarray, np.ndarr
             vectors = np.stack(cached.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
             return cached.column("item_id").to_numpy(), vectors, 0.0
     start = time.perf_counter()
-    init_ray(cfg.num_cpus)
+    init_ray(local_cpus(cfg.num_cpus, cfg.embed.actors * cfg.embed.cpus_per_actor, "the encoder actors"))
     log.info("sid: embedding %d items with %s on %d actor(s)", items.num_rows, cfg.embed.encoder, cfg.embed.actors)
     item_ids, vectors = embed_items(run_dir, cfg.embed)
     if not np.array_equal(item_ids, np.sort(items.column("item_id").to_numpy())):

@@ -63,3 +63,12 @@ def test_malformed_override_and_missing_file():
         load_config(PrepareConfig, None, ["run_dir"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(PrepareConfig, "nope.yaml")
+
+
+def test_local_ray_keeps_a_cpu_for_ray_data_tasks():
+    from pipelines.common import local_cpus
+
+    assert local_cpus(None, 2.0, "2 actors") == 3
+    assert local_cpus(8, 2.0, "2 actors") == 8
+    with pytest.raises(ConfigError, match="num_cpus=2 leaves no CPU for Ray Data's own tasks"):
+        local_cpus(2, 2.0, "the encoder actors")
