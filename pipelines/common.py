@@ -144,8 +144,17 @@ def already_done(run, marker: tuple[str, ...], fingerprint: dict, overwrite: boo
     if previous == fingerprint:
         log.info("%s: %s already written with this config; skipping (overwrite=true to redo)", stage, "/".join(marker))
         return True
-    changed = sorted(k for k in set(previous or {}) | set(fingerprint) if (previous or {}).get(k) != fingerprint.get(k))
-    raise StageOutputsMismatch(
-        f"{stage}: {run.path(*marker)} was written by a different config (fields differ: {', '.join(changed)}); "
+    raise config_mismatch(stage, run.path(*marker), previous or {}, fingerprint)
+
+
+def config_mismatch(stage: str, path: str, previous: dict, current: dict) -> StageOutputsMismatch:
+    """The error for outputs at `path` written by another config, naming the fields that differ.
+
+    >>> str(config_mismatch("sid", "/r/sid/report.json", {"levels": 3, "seed": 0}, {"levels": 4, "seed": 0}))[:60]
+    'sid: /r/sid/report.json was written by a different config (f'
+    """
+    changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+    return StageOutputsMismatch(
+        f"{stage}: {path} was written by a different config (fields differ: {', '.join(changed)}); "
         "use a new run_dir, or pass overwrite=true to replace it (later stages must then be rerun too)"
     )

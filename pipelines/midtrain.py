@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from pipelines.common import StageOutputsMismatch, exit_on_user_error, init_ray, local_cpus, parse_cli
+from pipelines.common import config_mismatch, exit_on_user_error, init_ray, local_cpus, parse_cli
 from pipelines.train_utils import TrainJob, TrainSection, fit, publish_checkpoint, read_trainer_state
 from rec.config import Section, StageConfig, config_fingerprint
 from rec.io import RunDir
@@ -158,12 +158,7 @@ def _check_previous(cfg: MidtrainConfig, run_dir: RunDir, fingerprint: dict) -> 
             if run_dir.exists(*parts):
                 run_dir.fs.delete_dir(run_dir.path(*parts))
     elif run_dir.exists(*marker) and run_dir.read_json(*marker) != fingerprint:
-        previous = run_dir.read_json(*marker)
-        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
-        raise StageOutputsMismatch(
-            f"midtrain: {run_dir.path(*marker)} belongs to a run with a different config (fields differ: "
-            f"{', '.join(changed)}); use a new run_dir or overwrite=true"
-        )
+        raise config_mismatch("midtrain", run_dir.path(*marker), run_dir.read_json(*marker), fingerprint)
     run_dir.write_json(fingerprint, *marker)
 
 

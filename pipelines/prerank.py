@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from pydantic import Field, model_validator
 
-from pipelines.common import StageOutputsMismatch, exit_on_user_error, init_ray, local_cpus, parse_cli
+from pipelines.common import config_mismatch, exit_on_user_error, init_ray, local_cpus, parse_cli
 from rec.config import Section, StageConfig, config_fingerprint
 from rec.io import RunDir
 from rec.metrics import ranking_metrics, target_ranks
@@ -343,12 +343,8 @@ def splits_to_do(run_dir: RunDir, fingerprints: dict[str, dict], overwrite: bool
         elif previous == fingerprints[split]:
             log.info("prerank: candidates/%s.parquet already written with this config; skipping", split)
         else:
-            changed = sorted(k for k in set(previous) | set(fingerprints[split])
-                             if previous.get(k) != fingerprints[split].get(k))
-            raise StageOutputsMismatch(
-                f"prerank: {run_dir.path('candidates', split + '.parquet')} was written by a different config "
-                f"(fields differ: {', '.join(changed)}); use a new run_dir or overwrite=true"
-            )
+            path = run_dir.path("candidates", f"{split}.parquet")
+            raise config_mismatch("prerank", path, previous, fingerprints[split])
     return todo
 
 
