@@ -6,15 +6,23 @@ This is one of the few places that touches Ray; `rec/` stays Ray-free.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from rec.config import ConfigError, StageConfig, load_config
+import pyarrow as pa
+import pyarrow.fs as pafs
+from pydantic import Field
+
+from rec.config import ConfigError, Section, StageConfig, load_config
 from rec.data import DataError
+from rec.io import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 C = TypeVar("C", bound=StageConfig)
@@ -158,3 +166,128 @@ def config_mismatch(stage: str, path: str, previous: dict, current: dict) -> Sta
         f"{stage}: {path} was written by a different config (fields differ: {', '.join(changed)}); "
         "use a new run_dir, or pass overwrite=true to replace it (later stages must then be rerun too)"
     )
+
+
+# --- vLLM engines in a Ray Data actor pool (prerank, traces, evaluation) ---------------------------------------
+
+
+class EngineSection(Section):
+    """vLLM engine arguments (one engine per actor)."""
+
+    max_model_len: int = Field(default=1024, ge=32)
+    """Longest prompt + answer; longer histories keep their most recent items."""
+    kv_cache_memory_bytes: int | None = Field(default=256 * 2**20, ge=1)
+    """KV cache per engine (required on CPU); null lets a GPU engine size it from gpu_memory_utilization."""
+    dtype: str = "float32"
+    """Model dtype in the engine (float32 on CPU, bfloat16 on GPU)."""
+    block_size: int | None = Field(default=32, ge=1)
+    """KV block size; the prefix cache shares whole blocks (CPU attention needs a multiple of 32)."""
+    enforce_eager: bool = True
+    """No graph capture (CPU needs it; GPUs run faster with false)."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Any other `vllm.LLM` argument, e.g. {gpu_memory_utilization: 0.8, tensor_parallel_size: 4}."""
+
+
+class EngineActorsConfig(StageConfig):
+    """Fields of a stage that runs vLLM engines as a Ray Data actor pool."""
+
+    engine: EngineSection = Field(default_factory=EngineSection)
+    """vLLM engine arguments."""
+    actors: int = Field(default=2, ge=1)
+    """Engines in the Ray Data actor pool."""
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    """Logical CPUs per actor; on CPU also the number of cores its engine is bound to (rounded, at least 1)."""
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    """GPUs per actor (0 on CPU machines; the engine's tensor_parallel_size on GPUs)."""
+    bind_cores: bool = True
+    """CPU actors bind their engine to cores of their own (VLLM_CPU_OMP_THREADS_BIND) instead of all to core 0."""
+    batch_size: int = Field(default=64, ge=1)
+    """Rows per actor call."""
+    flush_rows: int = Field(default=1024, ge=1)
+    """Finished rows are saved to the stage's _parts/ at least this often (what a rerun after a crash keeps)."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """Logical CPUs for a local Ray (null: actors x cpus_per_actor + 1); ignored when attaching to a cluster."""
+
+    RESOURCE_FIELDS: ClassVar[set[str]] = {"run_dir", "overwrite", "num_cpus", "actors", "cpus_per_actor",
+                                           "gpus_per_actor", "bind_cores", "batch_size", "flush_rows"}
+    """Fields that decide how fast, not what: they may change between a run and its resumption."""
+
+
+def start_actor_engine(cfg: EngineActorsConfig, model: str, **engine_args: Any):
+    """A vLLM engine for one pool actor: bound to cores of its own on CPU (held for the actor's life), returned as
+    (llm, cores or None, lock)."""
+    from rec.engines import claim_cpu_cores, start_llm
+
+    cores = max(1, round(cfg.cpus_per_actor))
+    claim = claim_cpu_cores(cores) if cfg.bind_cores and cfg.gpus_per_actor == 0 else None
+    engine = cfg.engine
+    llm = start_llm(
+        model, max_model_len=engine.max_model_len, kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
+        dtype=engine.dtype, cpu_cores=claim[0] if claim else None, block_size=engine.block_size,
+        enforce_eager=engine.enforce_eager, **{**engine.extra, **engine_args},
+    )
+    return llm, claim[0] if claim else None, claim[1] if claim else None
+
+
+def stream_actor_pool(cfg: EngineActorsConfig, rows: pa.Table, actor_cls: type, ctor_kwargs: dict[str, Any]):
+    """Run `actor_cls` (a callable class: pyarrow batch -> pyarrow batch) over `rows` as a Ray Data actor pool of
+    `cfg.actors` actors; yields result batches as they finish (starts a local Ray unless RAY_ADDRESS is set)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    init_ray(local_cpus(cfg.num_cpus, cfg.actors * cfg.cpus_per_actor, "the vLLM actors"))
+    blocks = [rows.slice(start, cfg.batch_size) for start in range(0, rows.num_rows, cfg.batch_size)]
+    results = ray.data.from_arrow(blocks).map_batches(
+        actor_cls,
+        fn_constructor_kwargs=ctor_kwargs,
+        compute=ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+    )
+    yield from results.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def model_digest(model: str) -> str:
+    """Identifies a local checkpoint: names and sizes of its files, contents of the small ones (configs, reports).
+    A hub id (no such directory) is its own digest."""
+    digest = hashlib.sha256()
+    fs, root = pafs.LocalFileSystem(), model
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return model
+    infos = sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda info: info.path)
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        digest.update(f"{info.path[len(root):]}\t{info.size}\n".encode())
+        if info.size < 1 << 20:
+            with fs.open_input_stream(info.path) as src:
+                digest.update(src.read())
+    return digest.hexdigest()[:16]
+
+
+class Parts:
+    """A stage's finished-so-far results: Parquet files `<stage_dir>/_parts/<name>-<config key>/part-*.parquet`.
+
+    Each file is written atomically, so what a crashed run flushed is whole; a rerun with the same config reads
+    them back and skips those rows; another config gets another directory.
+    """
+
+    def __init__(self, run_dir: RunDir, stage_dir: str, name: str, fingerprint: dict):
+        key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+        self.run_dir, self.location = run_dir, (stage_dir, f"_parts/{name}-{key}")
+
+    def read(self, columns: list[str] | None = None) -> pa.Table | None:
+        import pyarrow.parquet as pq
+
+        fs = self.run_dir.fs
+        infos = fs.get_file_info(pafs.FileSelector(self.run_dir.path(*self.location), allow_not_found=True))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-"))
+        if not files:
+            return None
+        return pa.concat_tables([pq.read_table(f, filesystem=fs, columns=columns) for f in files],
+                                promote_options="default")
+
+    def write(self, table: pa.Table) -> None:
+        self.run_dir.write_parquet(table, *self.location, f"part-{uuid.uuid4().hex}.parquet")

@@ -22,11 +22,9 @@ Cluster:  ray job submit --working-dir . -- python -m pipelines.prerank --config
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-import uuid
 from typing import Any, Literal
 
 import numpy as np
@@ -35,8 +33,17 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from pydantic import Field, model_validator
 
-from pipelines.common import config_mismatch, exit_on_user_error, init_ray, local_cpus, parse_cli
-from rec.config import Section, StageConfig, config_fingerprint
+from pipelines.common import (
+    EngineActorsConfig,
+    Parts,
+    config_mismatch,
+    exit_on_user_error,
+    model_digest,
+    parse_cli,
+    start_actor_engine,
+    stream_actor_pool,
+)
+from rec.config import Section, config_fingerprint
 from rec.io import RunDir
 from rec.metrics import ranking_metrics, target_ranks
 
@@ -48,9 +55,6 @@ CANDIDATES_SCHEMA = pa.schema(
     [("user_id", pa.int64()), ("history", pa.list_(pa.int64())), ("target", pa.int64()),
      ("candidates", pa.list_(pa.int64())), ("scores", pa.list_(pa.float32()))]
 )
-# Fields that decide how fast, not what: they may change between a run and its resumption.
-RESOURCE_FIELDS = {"run_dir", "overwrite", "num_cpus", "actors", "cpus_per_actor", "gpus_per_actor", "bind_cores",
-                   "batch_size", "flush_rows", "max_users"}
 
 
 class SplitUsers(Section):
@@ -61,24 +65,7 @@ class SplitUsers(Section):
     test: int | None = Field(default=None, ge=0)
 
 
-class EngineSection(Section):
-    """vLLM engine arguments (one engine per actor)."""
-
-    max_model_len: int = Field(default=1024, ge=32)
-    """Longest prompt + SID; longer histories keep their most recent items."""
-    kv_cache_memory_bytes: int | None = Field(default=256 * 2**20, ge=1)
-    """KV cache per engine (required on CPU); null lets a GPU engine size it from gpu_memory_utilization."""
-    dtype: str = "float32"
-    """Model dtype in the engine (float32 on CPU, bfloat16 on GPU)."""
-    block_size: int | None = Field(default=32, ge=1)
-    """KV block size; the prefix cache shares whole blocks (CPU attention needs a multiple of 32)."""
-    enforce_eager: bool = True
-    """No graph capture (CPU needs it; GPUs run faster with false)."""
-    extra: dict[str, Any] = Field(default_factory=dict)
-    """Any other `vllm.LLM` argument, e.g. {gpu_memory_utilization: 0.8, tensor_parallel_size: 1}."""
-
-
-class PrerankConfig(StageConfig):
+class PrerankConfig(EngineActorsConfig):
     model: str | None = None
     """Checkpoint to decode with (a local path); null is `<run_dir>/models/midtrain`."""
     backend: Literal["vllm", "hf"] = "vllm"
@@ -97,22 +84,6 @@ class PrerankConfig(StageConfig):
     """Candidates per row."""
     exclude_history: bool = True
     """Never propose an item already in the row's history (masked at the last SID level)."""
-    engine: EngineSection = Field(default_factory=EngineSection)
-    """vLLM engine arguments."""
-    actors: int = Field(default=2, ge=1)
-    """Engines in the Ray Data actor pool."""
-    cpus_per_actor: float = Field(default=1.0, gt=0)
-    """Logical CPUs per actor; on CPU also the number of cores its engine is bound to (rounded, at least 1)."""
-    gpus_per_actor: float = Field(default=0.0, ge=0)
-    """GPUs per actor (0 on CPU machines)."""
-    bind_cores: bool = True
-    """CPU actors bind their engine to cores of their own (VLLM_CPU_OMP_THREADS_BIND) instead of all to core 0."""
-    batch_size: int = Field(default=64, ge=1)
-    """Rows per actor call (all their beams go to the engine together)."""
-    flush_rows: int = Field(default=1024, ge=1)
-    """Finished rows are saved to candidates/_parts/ at least this often (what a rerun after a crash keeps)."""
-    num_cpus: int | None = Field(default=None, ge=1)
-    """Logical CPUs for a local Ray (null: actors x cpus_per_actor + 1); ignored when attaching to a cluster."""
     overwrite: bool = False
     """Recompute every split from scratch (otherwise finished splits are kept, and a different config is an error)."""
 
@@ -188,17 +159,10 @@ class PrerankBatch:
             self.pad_id = tokenizer.pad_token_id
             self.model = load_student(model, dtype=getattr(torch, cfg.engine.dtype))[1].eval()
             return
-        from rec.engines import VllmSidBeamSearch, claim_cpu_cores, start_llm
+        from rec.engines import VllmSidBeamSearch
 
-        claim = claim_cpu_cores(cores) if cfg.bind_cores and cfg.gpus_per_actor == 0 else None
-        self._core_lock = claim[1] if claim else None  # held for the actor's life
-        engine = cfg.engine
-        llm = start_llm(
-            model, max_model_len=engine.max_model_len, kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
-            dtype=engine.dtype, cpu_cores=claim[0] if claim else None, block_size=engine.block_size,
-            enforce_eager=engine.enforce_eager, **engine.extra,
-        )
-        log.info("prerank actor: vLLM engine on cores %s", claim[0] if claim else "-")
+        llm, bound, self._core_lock = start_actor_engine(cfg, model)  # the lock is held for the actor's life
+        log.info("prerank actor: vLLM engine on cores %s", bound or "-")
         self.search = VllmSidBeamSearch(llm, self.decoding, cfg.num_beams, cfg.top_n)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -221,25 +185,10 @@ class PrerankBatch:
         })
 
 
-def _model_digest(model: str) -> str:
-    """Identifies the checkpoint: names and sizes of its files, contents of the small ones (configs, reports)."""
-    digest = hashlib.sha256()
-    fs, root = pafs.LocalFileSystem(), model
-    infos = sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda info: info.path)
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        digest.update(f"{info.path[len(root):]}\t{info.size}\n".encode())
-        if info.size < 1 << 20:
-            with fs.open_input_stream(info.path) as src:
-                digest.update(src.read())
-    return digest.hexdigest()[:16]
-
-
 def split_fingerprints(cfg: PrerankConfig, model: str) -> dict[str, dict[str, Any]]:
-    common = config_fingerprint(cfg, exclude=RESOURCE_FIELDS)
+    common = config_fingerprint(cfg, exclude=PrerankConfig.RESOURCE_FIELDS | {"max_users"})
     common["engine"].pop("kv_cache_memory_bytes", None)
-    common["model_digest"] = _model_digest(model)
+    common["model_digest"] = model_digest(model)
     return {split: {**common, "max_users": getattr(cfg.max_users, split)} for split in SPLITS}
 
 
@@ -253,39 +202,17 @@ def _fingerprint_of(run_dir: RunDir, split: str) -> dict | None:
     return json.loads(raw) if raw else {}
 
 
-def _parts_dir(split: str, fingerprint: dict) -> tuple[str, str]:
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-    return "candidates", f"_parts/{split}-{key}"
-
-
-def _read_parts(run_dir: RunDir, split: str, fingerprint: dict) -> pa.Table | None:
-    import pyarrow.parquet as pq
-
-    path = run_dir.path(*_parts_dir(split, fingerprint))
-    infos = run_dir.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-"))
-    columns = ["row_id", "candidates", "scores"]
-    return pa.concat_tables([pq.read_table(f, filesystem=run_dir.fs, columns=columns) for f in files]) if files else None
+def _parts(run_dir: RunDir, split: str, fingerprint: dict) -> Parts:
+    return Parts(run_dir, "candidates", split, fingerprint)
 
 
 def run_search(cfg: PrerankConfig, run_dir: RunDir, model: str, pending: pa.Table, fingerprints: dict) -> None:
     """Pre-rank the `pending` rows (split, row_id, history) on a Ray Data actor pool; results go to the parts."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    init_ray(local_cpus(cfg.num_cpus, cfg.actors * cfg.cpus_per_actor, "the vLLM actors"))
-    blocks = [pending.slice(start, cfg.batch_size) for start in range(0, pending.num_rows, cfg.batch_size)]
-    results = ray.data.from_arrow(blocks).map_batches(
-        PrerankBatch,
-        fn_constructor_kwargs={"run_dir": cfg.run_dir, "model": model,
-                               "codebook_size": int(run_dir.read_json("sid", "report.json")["codebook_size"]),
-                               "cfg": cfg.model_dump(mode="json")},
-        compute=ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor,
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-    )
+    results = stream_actor_pool(cfg, pending, PrerankBatch, {
+        "run_dir": cfg.run_dir, "model": model,
+        "codebook_size": int(run_dir.read_json("sid", "report.json")["codebook_size"]),
+        "cfg": cfg.model_dump(mode="json"),
+    })
     start, done, buffered = time.perf_counter(), 0, []
 
     def flush() -> None:
@@ -294,9 +221,9 @@ def run_search(cfg: PrerankConfig, run_dir: RunDir, model: str, pending: pa.Tabl
         for split in SPLITS:
             part = table.filter(pc.equal(table.column("split"), split))
             if part.num_rows:
-                run_dir.write_parquet(part, *_parts_dir(split, fingerprints[split]), f"part-{uuid.uuid4().hex}.parquet")
+                _parts(run_dir, split, fingerprints[split]).write(part)
 
-    for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in results:
         buffered.append(batch)
         done += batch.num_rows
         if sum(b.num_rows for b in buffered) >= cfg.flush_rows:
@@ -353,7 +280,7 @@ def pending_rows(run_dir: RunDir, rows: dict[str, pa.Table], todo: list[str], fi
     pending = []
     for split in todo:
         table = rows[split]
-        parts = _read_parts(run_dir, split, fingerprints[split])
+        parts = _parts(run_dir, split, fingerprints[split]).read(["row_id", "candidates", "scores"])
         if parts is not None:
             table = table.filter(pc.invert(pc.is_in(table.column("row_id"), parts.column("row_id"))))
             log.info("prerank: %s: %d rows done by an earlier run, %d to go", split, parts.num_rows, table.num_rows)
@@ -365,7 +292,7 @@ def pending_rows(run_dir: RunDir, rows: dict[str, pa.Table], todo: list[str], fi
 
 def finish_split(run_dir: RunDir, split: str, rows: pa.Table, fingerprint: dict) -> None:
     """Join the split's rows with their results from the parts; write candidates/{split}.parquet."""
-    parts = _read_parts(run_dir, split, fingerprint)
+    parts = _parts(run_dir, split, fingerprint).read(["row_id", "candidates", "scores"])
     if parts is None:
         parts = pa.table({"row_id": pa.array([], pa.int64()), "candidates": pa.array([], pa.list_(pa.int64())),
                           "scores": pa.array([], pa.list_(pa.float32()))})

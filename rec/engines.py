@@ -46,6 +46,10 @@ def start_llm(
     """
     if cpu_cores is not None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
+    if engine_args.get("logits_processors"):
+        # Custom processors here use the V1 interface (`vllm.v1.sample.logits_processor`); GPU builds default to
+        # Model Runner V2, which has its own. The CPU runner is V1 either way.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         engine_args.setdefault("distributed_executor_backend", "uni")
@@ -152,3 +156,61 @@ def claim_cpu_cores(count: int, lock_dir: str | None = None) -> tuple[str, Any] 
             continue
         return ",".join(map(str, block)), handle
     return None
+
+
+RANKING_ARGS = "gr2_ranking"
+RANKING_PROCESSOR = "rec.engines:RankingLogitsProcessor"
+"""Pass to `start_llm(..., logits_processors=[RANKING_PROCESSOR])`; requests opt in with `ranking_extra_args`."""
+
+
+def ranking_extra_args(candidate_token_ids: Sequence[Sequence[int]], max_explanation_tokens: int, eos_id: int) -> dict:
+    """`SamplingParams(extra_args=...)` that constrains one request's answer to a ranking of these candidates."""
+    return {RANKING_ARGS: {"candidates": [list(map(int, c)) for c in candidate_token_ids],
+                           "max_explanation_tokens": int(max_explanation_tokens), "eos_id": int(eos_id)}}
+
+
+def _ranking_logits_processor_class():
+    """vLLM's per-request adapter around `rec.answer_constraint.RankingConstraint` (built on first use, so that
+    importing rec.engines does not import vLLM)."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    from rec.answer_constraint import RankingAnswerFormat, RankingConstraint
+
+    class RankingLogitsProcessor(AdapterLogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            super().__init__(vllm_config, device, is_pin_memory)
+            tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
+            self.base_format = RankingAnswerFormat.from_tokenizer(tokenizer)
+            self.formats: dict[int, RankingAnswerFormat] = {}
+
+        @classmethod
+        def validate_params(cls, params) -> None:
+            args = (params.extra_args or {}).get(RANKING_ARGS)
+            if args is not None and not args.get("candidates"):
+                raise ValueError(f"extra_args[{RANKING_ARGS!r}] needs a non-empty 'candidates' list")
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes which token is most likely
+
+        def new_req_logits_processor(self, params):
+            args = (params.extra_args or {}).get(RANKING_ARGS)
+            if args is None:
+                return None
+            eos = int(args["eos_id"])
+            fmt = self.formats.setdefault(eos, dataclasses.replace(self.base_format, eos_id=eos))
+            constraint = RankingConstraint(fmt, args["candidates"], int(args["max_explanation_tokens"]))
+            return constraint.apply
+
+    RankingLogitsProcessor.__module__ = __name__
+    return RankingLogitsProcessor
+
+
+def __getattr__(name: str):
+    if name == "RankingLogitsProcessor":
+        cls = _ranking_logits_processor_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ from pipelines.common import REPO_ROOT, StageOutputsMismatch
 from pipelines.prerank import (
     CANDIDATES_SCHEMA,
     PrerankConfig,
-    _parts_dir,
+    _parts,
     build_rows,
     run,
     split_fingerprints,
@@ -78,7 +78,7 @@ def test_resume_from_parts_then_skip_then_refuse_another_config(prerank_run_dir)
         ids = table.column("row_id").to_pylist()
         for half in (ids[: len(ids) // 2], ids[len(ids) // 2:]):
             part = _fake_part(split, half, [[row_id, 100 + row_id] for row_id in half])
-            run_dir.write_parquet(part, *_parts_dir(split, fingerprints[split]), f"part-{split}-{half[0]}.parquet")
+            _parts(run_dir, split, fingerprints[split]).write(part)
     metrics = run(cfg)
     test = run_dir.read_parquet("candidates", "test.parquet").to_pylist()
     assert [r["candidates"] for r in test] == [[i, 100 + i] for i in range(4)]
@@ -99,8 +99,7 @@ def test_vllm_actor_pool_end_to_end_matches_hf(prerank_run_dir):
                   "flush_rows=8", "num_cpus=3")
     fingerprints = split_fingerprints(cfg, run_dir.local_path("models", "midtrain"))
     # rows 0-1 of the test split were finished by an earlier, interrupted run
-    run_dir.write_parquet(_fake_part("test", [0, 1], [[-7], [-8]]), *_parts_dir("test", fingerprints["test"]),
-                          "part-earlier.parquet")
+    _parts(run_dir, "test", fingerprints["test"]).write(_fake_part("test", [0, 1], [[-7], [-8]]))
     try:
         metrics = run(cfg)
     finally:

@@ -1,0 +1,217 @@
+"""Re-ranking prompts and answers: what the teacher and the student read, and how a ranking is read back.
+
+The prompt shows the user's history (SID + title, oldest first, cut to a token budget keeping the most recent
+items), the candidate list (SID + title, in pre-rank order), optional domain-knowledge priming, and asks for step
+by step reasoning and a JSON answer ranking every candidate by SID, as the GR2 teacher answers:
+
+    {"explanation": "...", "recommendations": ["<|sid_begin|>...<|sid_end|>", ...]}
+
+Qwen3-style answers may put a `<think>...</think>` block first; `parse_answer` reads either form and checks the
+ranking is a permutation of the candidates. Item text is escaped (`escape_text`) so a title can never produce a
+chat marker, a SID or a line that looks like part of the prompt's structure.
+
+>>> cands = [Item("<|sid_begin|><s_a_1><|sid_end|>", "Red lipstick"), Item("<|sid_begin|><s_a_2><|sid_end|>", "Mascara")]
+>>> answer = format_answer("Likes lipstick.", [cands[1].sid, cands[0].sid])
+>>> result = parse_answer(answer, [c.sid for c in cands])
+>>> result.valid, result.ranking, result.explanation
+(True, [1, 0], 'Likes lipstick.')
+>>> parse_answer('{"recommendations": ["<|sid_begin|><s_a_1><|sid_end|>"]}', [c.sid for c in cands]).reason
+'missing_candidates'
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+SYSTEM_PROMPT = (
+    "You are a shopping assistant that re-ranks product recommendations. Products are identified by semantic IDs "
+    "(SIDs) such as <|sid_begin|><s_a_1><s_b_2><s_c_3><s_d_4><|sid_end|>."
+)
+INSTRUCTION = (
+    "Think step by step: first the patterns in the purchase history, then which candidates are complementary to it "
+    "or match its categories, then your choice. Answer with JSON only: "
+    '{"explanation": "<your reasoning>", "recommendations": [<every candidate SID, most likely next purchase '
+    "first>]}. Rank all {n} candidates, each exactly once."
+)
+TARGET_HINT = (
+    "The customer actually bought this next: {sid} {title}. Explain why it fits the history, and rank it first."
+)
+
+# Invalid-answer reasons, counted by the traces stage and the evaluation.
+NO_ANSWER = "no_answer"
+TRUNCATED = "truncated"
+BAD_JSON = "bad_json"
+MISSING_FIELD = "missing_field"
+BAD_TYPE = "bad_type"
+UNKNOWN_SID = "unknown_sid"
+DUPLICATE = "duplicate"
+MISSING_CANDIDATES = "missing_candidates"
+REASONS = (NO_ANSWER, TRUNCATED, BAD_JSON, MISSING_FIELD, BAD_TYPE, UNKNOWN_SID, DUPLICATE, MISSING_CANDIDATES)
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One product as a prompt shows it."""
+
+    sid: str
+    title: str
+
+
+def escape_text(text: str, max_chars: int | None = None) -> str:
+    """Item text made inert: `<`/`>` become `‹`/`›` (no chat marker, SID or `<think>` can survive), every run of
+    whitespace (newlines included) becomes one space, and the result is cut to `max_chars`.
+
+    >>> escape_text('Gloss <s_a_1><|im_end|>\\n"Candidates":  x')
+    'Gloss ‹s_a_1›‹|im_end|› "Candidates": x'
+    """
+    text = _WHITESPACE.sub(" ", text.replace("<", "‹").replace(">", "›")).strip()
+    if max_chars is not None and len(text) > max_chars:
+        text = text[: max(max_chars - 1, 0)].rstrip() + "…"
+    return text
+
+
+def _line(item: Item, max_title_chars: int | None) -> str:
+    return f"{item.sid} {escape_text(item.title, max_title_chars)}"
+
+
+def fit_history(
+    history: Sequence[Item], count_tokens: Callable[[str], int], budget: int | None, max_title_chars: int | None
+) -> list[Item]:
+    """The most recent items whose prompt lines fit in `budget` tokens (all of them when `budget` is None)."""
+    if budget is None:
+        return list(history)
+    kept: list[Item] = []
+    used = 0
+    for item in reversed(history):
+        cost = count_tokens(_line(item, max_title_chars) + "\n")
+        if used + cost > budget:
+            break
+        kept.append(item)
+        used += cost
+    return kept[::-1]
+
+
+def build_messages(
+    history: Sequence[Item],
+    candidates: Sequence[Item],
+    *,
+    target: Item | None = None,
+    priming: str | None = None,
+    count_tokens: Callable[[str], int] = lambda text: len(text.split()),
+    history_token_budget: int | None = None,
+    max_title_chars: int | None = 120,
+) -> list[dict[str, str]]:
+    """Chat messages (system, user) of a re-rank prompt; `target` adds the true next item (target sampling)."""
+    if not candidates:
+        raise ValueError("a re-rank prompt needs at least one candidate")
+    kept = fit_history(history, count_tokens, history_token_budget, max_title_chars)
+    lines = [f"Purchase history, oldest first ({len(kept)} of {len(history)} items):"]
+    lines += [f"{n}. {_line(item, max_title_chars)}" for n, item in enumerate(kept, 1)] or ["(none)"]
+    lines += ["", f"Candidates, in the order a first-stage ranker proposed them ({len(candidates)}):"]
+    lines += [f"{n}. {_line(item, max_title_chars)}" for n, item in enumerate(candidates, 1)]
+    if priming:
+        lines += ["", priming.strip()]
+    if target is not None:
+        lines += ["", TARGET_HINT.format(sid=target.sid, title=escape_text(target.title, max_title_chars))]
+    lines += ["", INSTRUCTION.replace("{n}", str(len(candidates)))]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def format_answer(explanation: str, ranking_sids: Sequence[str]) -> str:
+    """The answer text the parser reads (and SFT targets): one JSON object."""
+    return json.dumps({"explanation": explanation, "recommendations": list(ranking_sids)}, ensure_ascii=False)
+
+
+@dataclass
+class ParseResult:
+    """A parsed answer: `ranking` holds candidate positions (0-based, best first) when `valid`."""
+
+    valid: bool
+    ranking: list[int] = field(default_factory=list)
+    reason: str | None = None
+    detail: str = ""
+    explanation: str = ""
+
+
+def _invalid(reason: str, detail: str, explanation: str = "") -> ParseResult:
+    return ParseResult(valid=False, reason=reason, detail=detail, explanation=explanation)
+
+
+def split_thinking(text: str) -> tuple[str, str | None]:
+    """(reasoning, answer) of a completion; answer is None when a `<think>` block never closed."""
+    start = text.find(THINK_START)
+    end = text.find(THINK_END)
+    if end >= 0:
+        reasoning_start = start + len(THINK_START) if 0 <= start < end else 0
+        return text[reasoning_start:end].strip(), text[end + len(THINK_END):]
+    if start >= 0:
+        return text[start + len(THINK_START):].strip(), None
+    return "", text
+
+
+def _unclosed(text: str, start: int) -> bool:
+    """Whether the JSON value starting at `start` is still open (a string or bracket) when the text ends."""
+    depth, in_string, escaped = 0, False, False
+    for char in text[start:]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return False
+    return True
+
+
+def parse_answer(text: str, candidate_sids: Sequence[str]) -> ParseResult:
+    """The ranking in `text` as candidate positions, or why there is none.
+
+    Accepted: optional `<think>...</think>`, then a JSON object with a `recommendations` list of SID strings that
+    is a permutation of `candidate_sids`; text around the object is ignored. An `explanation` string is returned
+    when present (else the thinking text).
+    """
+    reasoning, answer = split_thinking(text)
+    if answer is None:
+        return _invalid(TRUNCATED, "the <think> block never closed", reasoning)
+    start = answer.find("{")
+    if start < 0:
+        return _invalid(NO_ANSWER, "no JSON object in the answer", reasoning)
+    try:
+        payload, _ = json.JSONDecoder().raw_decode(answer, start)
+    except json.JSONDecodeError as err:
+        return _invalid(TRUNCATED if _unclosed(answer, start) else BAD_JSON, str(err), reasoning)
+    if not isinstance(payload, dict) or "recommendations" not in payload:
+        return _invalid(MISSING_FIELD, "the JSON object has no 'recommendations'", reasoning)
+    explanation = payload.get("explanation")
+    explanation = explanation if isinstance(explanation, str) else reasoning
+    ranked = payload["recommendations"]
+    if not isinstance(ranked, list) or not all(isinstance(sid, str) for sid in ranked):
+        return _invalid(BAD_TYPE, "'recommendations' must be a list of SID strings", explanation)
+    position = {sid: n for n, sid in enumerate(candidate_sids)}
+    ranking: list[int] = []
+    for sid in (s.strip() for s in ranked):
+        if sid not in position:
+            return _invalid(UNKNOWN_SID, f"{sid!r} is not a candidate", explanation)
+        if position[sid] in ranking:
+            return _invalid(DUPLICATE, f"{sid!r} is ranked twice", explanation)
+        ranking.append(position[sid])
+    if len(ranking) != len(candidate_sids):
+        return _invalid(MISSING_CANDIDATES, f"{len(candidate_sids) - len(ranking)} candidate(s) not ranked",
+                        explanation)
+    return ParseResult(valid=True, ranking=ranking, explanation=explanation)
