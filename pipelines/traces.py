@@ -1,0 +1,495 @@
+"""Stage `traces`: a teacher LLM writes reasoning traces for the re-ranker, by target or reject sampling.
+
+Reads `<run_dir>/candidates/train.parquet` (the pre-ranker's lists), `<run_dir>/data/items.parquet` (titles),
+`<run_dir>/sid/sid_map.parquet` and the teacher (`teacher.model`, or `<run_dir>/models/midtrain`). Rows are the
+training lists that hold their target (`insert_missing_target` puts it into the others at a seeded position;
+such rows are marked). The teacher is a vLLM engine in each actor of a Ray Data actor pool (CPU actors bound to
+cores of their own; GPU actors with tensor parallelism from `engine.extra`).
+
+- `mode=target`: one sample per row; the prompt also names the true next item (post-hoc rationale).
+- `mode=reject`: rounds; every unresolved row of an actor's batch gets `samples_per_round` samples in one request
+  (the prompt is computed once and shared), the first valid sample whose top-ranked item is the target is
+  accepted, the others go to the next round until `max_attempts` samples were spent.
+In both modes a row is accepted when its answer parses into a permutation of the candidates with the target
+first (rec.rerank.parse_answer); `sampling.constrained` decodes answers under rec.answer_constraint, so every
+sample parses and sampling only decides the order. An answer that does not parse is counted, never fatal.
+
+Writes `<run_dir>/traces/{mode}.parquet` (row_id, user_id, history, target, candidates, prompt, completion,
+ranking, valid, accepted, attempts, rounds, tokens, ...) and `<run_dir>/traces/stats.json` (acceptance overall
+and by round, attempts mean/p90, generated tokens per accepted trace, rows/s; also kept as
+`traces/stats_{mode}.json`). Resumable: finished rows are flushed to `traces/_parts/` every `flush_rows` rows and a
+rerun skips them; a finished mode is skipped by a rerun with the same config.
+
+Local:    python -m pipelines.traces --config pipelines/configs/tiny/traces.yaml [mode=target max_rows=50]
+Cluster:  ray job submit --working-dir . -- python -m pipelines.traces \\
+              --config pipelines/configs/qwen3_8b/traces.yaml run_dir=/mnt/shared/gr2/beauty
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+from pydantic import Field, model_validator
+
+from pipelines.common import (
+    EngineActorsConfig,
+    Parts,
+    config_mismatch,
+    exit_on_user_error,
+    model_digest,
+    parse_cli,
+    start_actor_engine,
+    stream_actor_pool,
+)
+from rec.config import Section, config_fingerprint
+from rec.io import RunDir
+
+log = logging.getLogger("gr2.traces")
+
+META_KEY = b"gr2_traces_config"
+ROWS_SCHEMA = pa.schema([
+    ("row_id", pa.int64()), ("user_id", pa.int64()), ("history", pa.list_(pa.int64())), ("target", pa.int64()),
+    ("candidates", pa.list_(pa.int64())), ("target_inserted", pa.bool_()),
+])
+RESULT_SCHEMA = pa.schema([
+    ("row_id", pa.int64()), ("prompt", pa.string()), ("completion", pa.string()), ("ranking", pa.list_(pa.int64())),
+    ("valid", pa.bool_()), ("accepted", pa.bool_()), ("attempts", pa.int32()), ("rounds", pa.int32()),
+    ("accepted_round", pa.int32()), ("prompt_tokens", pa.int32()), ("request_prompt_tokens", pa.int64()),
+    ("generated_tokens", pa.int64()), ("invalid_samples", pa.int32()), ("invalid_reasons", pa.string()),
+    ("run_id", pa.string()),
+])
+
+
+class TeacherSection(Section):
+    model: str | None = None
+    """Teacher checkpoint: a local path or hub id; null is `<run_dir>/models/midtrain` (the tiny preset)."""
+    eos_token: str = "<|im_end|>"
+    """Token that ends the teacher's turn (Qwen chat format)."""
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra arguments for the tokenizer's chat template, e.g. {enable_thinking: true} for Qwen3."""
+
+
+class SamplingSection(Section):
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=1024, ge=1)
+    """Longest unconstrained answer (a constrained answer's length is fixed by its format)."""
+    constrained: bool = False
+    """Decode under rec.answer_constraint: every sample is a valid ranking; the explanation is free text."""
+    max_explanation_tokens: int = Field(default=64, ge=0)
+    """Explanation budget of a constrained answer."""
+
+
+class PromptSection(Section):
+    history_token_budget: int | None = Field(default=400, ge=0)
+    """Tokens for the history lines (the most recent items that fit); null keeps all."""
+    max_title_chars: int | None = Field(default=100, ge=8)
+    """Titles longer than this are cut."""
+    priming: str | None = None
+    """Domain knowledge added to every prompt (e.g. what sells together in beauty)."""
+
+
+class TracesConfig(EngineActorsConfig):
+    mode: Literal["target", "reject"] = "reject"
+    """target: one pass with the true item in the prompt; reject: sample until the teacher ranks it first."""
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    backend: Literal["vllm", "hf"] = "vllm"
+    """vLLM engines, or a plain loop over HF `generate` per row (the reference and the benchmark baseline)."""
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    samples_per_round: int = Field(default=4, ge=1)
+    """Reject mode: samples per unresolved row and round, in one request (n)."""
+    max_attempts: int = Field(default=8, ge=1)
+    """Reject mode: samples a row may spend in all before it counts as exhausted."""
+    max_rows: int | None = Field(default=None, ge=0)
+    """The first N eligible training rows; null takes all."""
+    insert_missing_target: bool = False
+    """Rows whose list lacks the target get it at a seeded position (replacing that candidate), marked
+    `target_inserted`; false drops them (counted in stats)."""
+    overwrite: bool = False
+    """Redo this mode from scratch (otherwise finished rows are kept, and a different config is an error)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TracesConfig:
+        if self.mode == "reject" and self.samples_per_round > self.max_attempts:
+            raise ValueError(f"samples_per_round ({self.samples_per_round}) must be <= max_attempts "
+                             f"({self.max_attempts})")
+        return self
+
+    def samples_in_round(self, spent: int) -> int:
+        """Samples a row gets in its next round, having spent `spent`."""
+        if self.mode == "target":
+            return 1
+        return min(self.samples_per_round, self.max_attempts - spent)
+
+    @property
+    def attempt_budget(self) -> int:
+        return 1 if self.mode == "target" else self.max_attempts
+
+
+def eligible_rows(candidates: pa.Table, cfg: TracesConfig) -> tuple[pa.Table, dict[str, int]]:
+    """Training rows the teacher sees (row_id = position in candidates/train.parquet) and how many were dropped."""
+    rng_seed = cfg.seed
+    out: dict[str, list] = {name: [] for name in ROWS_SCHEMA.names}
+    counts = Counter()
+    columns = [candidates.column(c).to_pylist() for c in ("user_id", "history", "target", "candidates")]
+    for row_id, (user, history, target, listed) in enumerate(zip(*columns)):
+        if cfg.max_rows is not None and len(out["row_id"]) >= cfg.max_rows:
+            break
+        inserted = target not in listed
+        if inserted:
+            if not cfg.insert_missing_target or not listed:
+                counts["rows_without_target"] += 1
+                continue
+            position = int(np.random.default_rng([rng_seed, row_id]).integers(len(listed)))
+            listed = listed[:position] + [target] + listed[position + 1:]
+            counts["rows_target_inserted"] += 1
+        for name, value in zip(ROWS_SCHEMA.names, (row_id, user, history, target, listed, inserted)):
+            out[name].append(value)
+    return pa.table(out, schema=ROWS_SCHEMA), {"rows_without_target": counts["rows_without_target"],
+                                               "rows_target_inserted": counts["rows_target_inserted"]}
+
+
+@dataclass
+class RowState:
+    """One row's progress through the rounds inside an actor."""
+
+    row_id: int
+    prompt: str
+    prompt_ids: list[int]
+    candidate_sids: list[str]
+    candidates: list[int]
+    target_position: int
+    attempts: int = 0
+    rounds: int = 0
+    accepted_round: int = 0
+    completion: str = ""
+    ranking: list[int] = field(default_factory=list)
+    valid: bool = False
+    request_prompt_tokens: int = 0
+    """Prompt tokens sent: the prompt once per round (its n samples share it), i.e. rounds x prompt length."""
+    generated_tokens: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def take(self, text: str, parsed, round_number: int) -> None:
+        """Record one sample: the first accepted one wins; before that, a valid one beats an invalid one."""
+        if self.accepted_round:
+            return
+        if not parsed.valid:
+            self.reasons[parsed.reason] += 1
+            if not self.valid:
+                self.completion = text
+            return
+        ranking = [self.candidates[p] for p in parsed.ranking]
+        if parsed.ranking[0] == self.target_position:
+            self.accepted_round = round_number
+        self.completion, self.ranking, self.valid = text, ranking, True
+
+
+class TeacherBatch:
+    """Ray Data actor: candidate rows -> traces, all rounds of a batch inside one call; one engine per actor."""
+
+    def __init__(self, run_dir: str, model: str, cfg: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        from pipelines.common import setup_logging
+        from rec.engines import RANKING_PROCESSOR
+        from rec.sid.codes import render_sid
+
+        setup_logging()
+        self.cfg = cfg = TracesConfig.model_validate(cfg)
+        run = RunDir.open(run_dir)
+        sid_map = run.read_parquet("sid", "sid_map.parquet").to_pydict()
+        self.sid_of = {int(i): render_sid(c) for i, c in zip(sid_map["item_id"], sid_map["codes"])}
+        items = run.read_parquet("data", "items.parquet").select(["item_id", "title"]).to_pydict()
+        self.title_of = {int(i): t or "" for i, t in zip(items["item_id"], items["title"])}
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.eos_id = self.tokenizer.convert_tokens_to_ids(cfg.teacher.eos_token)
+        if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"teacher.eos_token {cfg.teacher.eos_token!r} is not a token of {model}")
+        if cfg.sampling.constrained:
+            from rec.answer_constraint import RankingAnswerFormat
+
+            self.format = RankingAnswerFormat.from_tokenizer(self.tokenizer, eos_token=cfg.teacher.eos_token)
+        if cfg.backend == "hf":
+            import torch
+
+            from rec.model import load_student
+
+            torch.manual_seed(cfg.seed)
+            torch.set_num_threads(max(1, round(cfg.cpus_per_actor)))
+            self.model = load_student(model, dtype=getattr(torch, cfg.engine.dtype))[1].eval()
+            log.info("traces: HF teacher %s", model)
+            return
+        processors = [RANKING_PROCESSOR] if cfg.sampling.constrained else []
+        self.llm, bound, self._core_lock = start_actor_engine(cfg, model, logits_processors=processors,
+                                                              seed=cfg.seed)
+        log.info("traces actor: teacher %s on cores %s", model, bound or "-")
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _row(self, row_id: int, history: list[int], candidates: list[int], target: int) -> RowState:
+        from rec.rerank import Item, build_messages
+
+        def item(item_id: int) -> Item:
+            return Item(self.sid_of[item_id], self.title_of.get(item_id, ""))
+
+        p = self.cfg.prompt
+        messages = build_messages(
+            [item(i) for i in history], [item(i) for i in candidates],
+            target=item(target) if self.cfg.mode == "target" else None, priming=p.priming,
+            count_tokens=self._count_tokens, history_token_budget=p.history_token_budget,
+            max_title_chars=p.max_title_chars,
+        )
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                    **self.cfg.teacher.chat_template_kwargs)
+        return RowState(row_id, prompt, self.tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                        [self.sid_of[i] for i in candidates], candidates, candidates.index(target))
+
+    def _candidate_token_ids(self, row: RowState) -> list[list[int]]:
+        return [self.tokenizer(sid, add_special_tokens=False)["input_ids"] for sid in row.candidate_sids]
+
+    def _max_tokens(self, row: RowState) -> int:
+        s = self.cfg.sampling
+        if s.constrained:
+            return self.format.max_tokens(self._candidate_token_ids(row), s.max_explanation_tokens)
+        return s.max_tokens
+
+    def _generate(self, rows: list[RowState], samples: list[int]) -> list[list[tuple[str, int]]]:
+        """`samples[i]` completions of row i as (text, generated tokens): one vLLM request per row (n samples share
+        its prompt), all rows in one engine call; or HF `generate` row by row."""
+        s = self.cfg.sampling
+        if self.cfg.backend == "hf":
+            return [self._hf_generate(row, n) for row, n in zip(rows, samples)]
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from rec.engines import ranking_extra_args
+
+        params = []
+        for row, n in zip(rows, samples):
+            args: dict[str, Any] = {"n": n, "temperature": s.temperature, "top_p": s.top_p,
+                                    "max_tokens": self._max_tokens(row), "stop_token_ids": [self.eos_id],
+                                    "skip_special_tokens": False}
+            if s.constrained:
+                args["extra_args"] = ranking_extra_args(self._candidate_token_ids(row), s.max_explanation_tokens,
+                                                        self.eos_id)
+            params.append(SamplingParams(**args))
+        prompts = [TokensPrompt(prompt_token_ids=row.prompt_ids) for row in rows]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[(o.text, len(o.token_ids)) for o in output.outputs] for output in outputs]
+
+    def _hf_generate(self, row: RowState, n: int) -> list[tuple[str, int]]:
+        import torch
+
+        from rec.answer_constraint import HfRankingLogitsProcessor, RankingConstraint
+
+        s = self.cfg.sampling
+        prompt = torch.tensor([row.prompt_ids])
+        processors = []
+        if s.constrained:
+            constraints = [RankingConstraint(self.format, self._candidate_token_ids(row), s.max_explanation_tokens)
+                           for _ in range(n)]
+            processors.append(HfRankingLogitsProcessor(constraints, prompt.shape[1]))
+        with torch.no_grad():
+            out = self.model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=s.temperature > 0,
+                temperature=s.temperature or None, top_p=s.top_p, top_k=0, num_return_sequences=n,
+                max_new_tokens=self._max_tokens(row), logits_processor=processors, eos_token_id=self.eos_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        samples = []
+        for tokens in out[:, prompt.shape[1]:].tolist():
+            if self.eos_id in tokens:
+                tokens = tokens[: tokens.index(self.eos_id) + 1]
+            text = self.tokenizer.decode([t for t in tokens if t != self.eos_id], skip_special_tokens=False)
+            samples.append((text, len(tokens)))
+        return samples
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from rec.rerank import parse_answer
+
+        columns = [batch.column(c).to_pylist() for c in ("row_id", "history", "candidates", "target")]
+        rows = [self._row(*values) for values in zip(*columns)]
+        limit = self.cfg.engine.max_model_len
+        pending = []
+        for row in rows:
+            if len(row.prompt_ids) + self._max_tokens(row) > limit:
+                row.reasons["prompt_too_long"] += 1  # counted, never sent
+                row.attempts = self.cfg.attempt_budget
+            else:
+                pending.append(row)
+        round_number = 0
+        while pending:
+            round_number += 1
+            outputs = self._generate(pending, [self.cfg.samples_in_round(row.attempts) for row in pending])
+            for row, samples in zip(pending, outputs):
+                row.rounds += 1
+                row.request_prompt_tokens += len(row.prompt_ids)
+                for text, generated in samples:
+                    row.attempts += 1
+                    row.generated_tokens += generated
+                    row.take(text, parse_answer(text, row.candidate_sids), round_number)
+            pending = [r for r in pending if not r.accepted_round and r.attempts < self.cfg.attempt_budget]
+        run_id = self.run_id = getattr(self, "run_id", uuid.uuid4().hex[:12])
+        return pa.table({
+            "row_id": [r.row_id for r in rows], "prompt": [r.prompt for r in rows],
+            "completion": [r.completion for r in rows], "ranking": [r.ranking for r in rows],
+            "valid": [r.valid for r in rows], "accepted": [bool(r.accepted_round) for r in rows],
+            "attempts": [r.attempts for r in rows], "rounds": [r.rounds for r in rows],
+            "accepted_round": [r.accepted_round for r in rows], "prompt_tokens": [len(r.prompt_ids) for r in rows],
+            "request_prompt_tokens": [r.request_prompt_tokens for r in rows], "generated_tokens": [r.generated_tokens for r in rows],
+            "invalid_samples": [sum(r.reasons.values()) for r in rows],
+            "invalid_reasons": [json.dumps(dict(r.reasons), sort_keys=True) for r in rows],
+            "run_id": [run_id] * len(rows),
+        }, schema=RESULT_SCHEMA)
+
+
+def fingerprints(cfg: TracesConfig, model: str) -> tuple[dict, dict]:
+    """(of the finished file, of the parts): rows are independent, so the parts survive a change of max_rows."""
+    final = config_fingerprint(cfg, exclude=TracesConfig.RESOURCE_FIELDS)
+    final["engine"].pop("kv_cache_memory_bytes", None)
+    final["teacher_digest"] = model_digest(model)
+    return final, {k: v for k, v in final.items() if k != "max_rows"}
+
+
+def finished_fingerprint(run_dir: RunDir, mode: str) -> dict | None:
+    import pyarrow.parquet as pq
+
+    if not run_dir.exists("traces", f"{mode}.parquet"):
+        return None
+    schema = pq.read_schema(run_dir.path("traces", f"{mode}.parquet"), filesystem=run_dir.fs)
+    raw = (schema.metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def sample(cfg: TracesConfig, run_dir: RunDir, model: str, pending: pa.Table, parts: Parts) -> dict[str, float]:
+    """Run the teacher over `pending` rows on the actor pool, flushing results to `parts`; returns timing."""
+    started = time.perf_counter()
+    done = accepted = 0
+    buffered: list[pa.Table] = []
+    batches = stream_actor_pool(cfg, pending, TeacherBatch,
+                                {"run_dir": cfg.run_dir, "model": model, "cfg": cfg.model_dump(mode="json")})
+    for batch in batches:
+        buffered.append(batch)
+        done += batch.num_rows
+        accepted += pc.sum(batch.column("accepted")).as_py() or 0
+        if sum(b.num_rows for b in buffered) >= cfg.flush_rows:
+            parts.write(pa.concat_tables(buffered))
+            buffered.clear()
+        seconds = time.perf_counter() - started
+        log.info("traces (%s): %d / %d rows, %d accepted (%.1f rows/s)", cfg.mode, done, pending.num_rows, accepted,
+                 done / max(seconds, 1e-9))
+    if buffered:
+        parts.write(pa.concat_tables(buffered))
+    return {"rows_this_run": done, "seconds_this_run": round(time.perf_counter() - started, 2)}
+
+
+def compute_stats(table: pa.Table, cfg: TracesConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """stats.json: acceptance overall and per round, attempts, tokens per accepted trace, invalid answers."""
+    rows = table.num_rows
+    accepted = int(pc.sum(table.column("accepted")).as_py() or 0)
+    attempts = table.column("attempts").to_numpy()
+    rounds = table.column("rounds").to_numpy()
+    accepted_round = table.column("accepted_round").to_numpy()
+    by_round = {}
+    for r in range(1, int(rounds.max(initial=0)) + 1):
+        entering = int((rounds >= r).sum())
+        won = int((accepted_round == r).sum())
+        by_round[str(r)] = {"rows": entering, "accepted": won, "rate": won / entering if entering else None}
+    reasons: Counter = Counter()
+    for text in table.column("invalid_reasons").to_pylist():
+        reasons.update(json.loads(text))
+    generated = int(pc.sum(table.column("generated_tokens")).as_py() or 0)
+    prompt = int(pc.sum(table.column("request_prompt_tokens")).as_py() or 0)
+    samples = int(attempts.sum())
+    return {
+        "mode": cfg.mode,
+        "rows": rows,
+        "accepted": accepted,
+        "acceptance_rate": accepted / rows if rows else None,
+        "acceptance_by_round": by_round,
+        "attempts_mean": float(attempts.mean()) if rows else None,
+        "attempts_p90": float(np.percentile(attempts, 90)) if rows else None,
+        "generated_tokens_per_accepted": generated / accepted if accepted else None,
+        "prompt_tokens_per_accepted": prompt / accepted if accepted else None,
+        "generated_tokens": generated,
+        "samples": samples,
+        "invalid_samples": int(sum(reasons.values())),
+        "invalid_rate": sum(reasons.values()) / samples if samples else None,
+        "invalid_reasons": dict(sorted(reasons.items())),
+        "valid_rows": int(pc.sum(table.column("valid")).as_py() or 0),
+        "samples_per_round": 1 if cfg.mode == "target" else cfg.samples_per_round,
+        "max_attempts": cfg.attempt_budget,
+        "constrained": cfg.sampling.constrained,
+        **extra,
+    }
+
+
+def run(cfg: TracesConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    run_dir = RunDir.open(cfg.run_dir)
+    model = cfg.teacher.model or run_dir.local_path("models", "midtrain")
+    if model.startswith("/") and not pafs.LocalFileSystem().get_file_info(f"{model}/config.json").is_file:
+        raise FileNotFoundError(f"no teacher model at {model} (config.json missing); run midtrain or set teacher.model")
+    if not run_dir.exists("candidates", "train.parquet"):
+        raise FileNotFoundError(f"{run_dir.path('candidates', 'train.parquet')} missing; run the prerank stage first")
+    final_fp, parts_fp = fingerprints(cfg, model)
+    previous = finished_fingerprint(run_dir, cfg.mode)
+    parts = Parts(run_dir, "traces", cfg.mode, parts_fp)
+    if previous is not None and not cfg.overwrite:
+        if previous != final_fp:
+            raise config_mismatch("traces", run_dir.path("traces", f"{cfg.mode}.parquet"), previous, final_fp)
+        log.info("traces: traces/%s.parquet already written with this config; skipping", cfg.mode)
+        return run_dir.read_json("traces", f"stats_{cfg.mode}.json")
+    if cfg.overwrite and run_dir.exists("traces", "_parts"):
+        run_dir.fs.delete_dir(run_dir.path("traces", "_parts"))
+    rows, dropped = eligible_rows(run_dir.read_parquet("candidates", "train.parquet"), cfg)
+    done = parts.read(["row_id"])
+    pending = rows
+    if done is not None:
+        pending = rows.filter(pc.invert(pc.is_in(rows.column("row_id"), done.column("row_id"))))
+        log.info("traces: %d rows finished by an earlier run, %d to go", rows.num_rows - pending.num_rows,
+                 pending.num_rows)
+    timing = {"rows_this_run": 0, "seconds_this_run": 0.0}
+    if pending.num_rows:
+        log.info("traces (%s): %d rows, %d actor(s), teacher %s", cfg.mode, pending.num_rows, cfg.actors, model)
+        timing = sample(cfg, run_dir, model, pending.select(["row_id", "history", "candidates", "target"]), parts)
+    results = parts.read()
+    results = results.filter(pc.is_in(results.column("row_id"), rows.column("row_id"))).sort_by("row_id")
+    if results.column("row_id").to_pylist() != rows.column("row_id").to_pylist():
+        raise RuntimeError("traces: results do not cover every row exactly once; rerun to finish the missing ones")
+    table = rows
+    for name in RESULT_SCHEMA.names[1:]:
+        table = table.append_column(RESULT_SCHEMA.field(name), results.column(name))
+    rate = timing["rows_this_run"] / timing["seconds_this_run"] if timing["seconds_this_run"] else None
+    stats = compute_stats(table, cfg, {**dropped, **timing, "rows_per_second": rate,
+                                       "resumed_rows": rows.num_rows - pending.num_rows})
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    table = table.replace_schema_metadata({META_KEY: json.dumps(final_fp).encode()})
+    run_dir.write_parquet(table, "traces", f"{cfg.mode}.parquet")
+    run_dir.write_json(stats, "traces", f"stats_{cfg.mode}.json")
+    run_dir.write_json(stats, "traces", "stats.json")
+    return stats
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(TracesConfig, __doc__, argv)
+    stats = run(cfg)
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()
