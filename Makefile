@@ -45,6 +45,7 @@ demo: setup
 	$(PY) -m pipelines.sid --config pipelines/configs/$(PRESET)/sid.yaml run_dir=$(RUN_DIR)
 	$(PY) -m pipelines.midtrain --config pipelines/configs/$(PRESET)/midtrain.yaml run_dir=$(RUN_DIR)
 	$(PY) -m pipelines.prerank --config pipelines/configs/$(PRESET)/prerank.yaml run_dir=$(RUN_DIR)
+	$(PY) -m pipelines.traces --config pipelines/configs/$(PRESET)/traces.yaml run_dir=$(RUN_DIR)
 
 # Benchmarks print their tables and write bench/results/*.{json,md}; midtrain_throughput needs `make demo` first.
 bench: setup

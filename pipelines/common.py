@@ -214,8 +214,9 @@ class EngineActorsConfig(StageConfig):
 
 
 def start_actor_engine(cfg: EngineActorsConfig, model: str, **engine_args: Any):
-    """A vLLM engine for one pool actor: bound to cores of its own on CPU (held for the actor's life), returned as
-    (llm, cores or None, lock)."""
+    """A vLLM engine for one pool actor, returned as (llm, cores or None, lock). CPU actors bind the engine to cores
+    of their own (the lock is held for the actor's life) and run it in-process (starts in ~2 s); GPU actors use
+    vLLM's default engine process and executor, which spreads `tensor_parallel_size` over the actor's GPUs."""
     from rec.engines import claim_cpu_cores, start_llm
 
     cores = max(1, round(cfg.cpus_per_actor))
@@ -224,7 +225,7 @@ def start_actor_engine(cfg: EngineActorsConfig, model: str, **engine_args: Any):
     llm = start_llm(
         model, max_model_len=engine.max_model_len, kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
         dtype=engine.dtype, cpu_cores=claim[0] if claim else None, block_size=engine.block_size,
-        enforce_eager=engine.enforce_eager, **{**engine.extra, **engine_args},
+        enforce_eager=engine.enforce_eager, in_process=cfg.gpus_per_actor == 0, **{**engine.extra, **engine_args},
     )
     return llm, claim[0] if claim else None, claim[1] if claim else None
 
