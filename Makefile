@@ -47,11 +47,13 @@ demo: setup
 	$(PY) -m pipelines.prerank --config pipelines/configs/$(PRESET)/prerank.yaml run_dir=$(RUN_DIR)
 	$(PY) -m pipelines.traces --config pipelines/configs/$(PRESET)/traces.yaml run_dir=$(RUN_DIR)
 
-# Benchmarks print their tables and write bench/results/*.{json,md}; midtrain_throughput needs `make demo` first.
+# Benchmarks print their tables and write bench/results/*.{json,md}; midtrain_throughput and traces_throughput need
+# `make demo` first.
 bench: setup
 	$(PY) bench/sid_ablation.py
 	$(PY) bench/beam_search.py --batches 3 --vllm
 	$(PY) bench/midtrain_throughput.py --run-dir $(RUN_DIR)
+	$(PY) bench/traces_throughput.py --run-dir $(RUN_DIR)
 
 clean:
 	rm -rf runs .pytest_cache
