@@ -53,6 +53,7 @@ from pipelines.common import (
 )
 from rec.config import Section, config_fingerprint
 from rec.io import RunDir
+from rec.rerank import RerankPromptSection, RerankSamplingSection
 
 log = logging.getLogger("gr2.traces")
 
@@ -75,28 +76,6 @@ class TeacherSection(Section):
     """Teacher checkpoint: a local path or hub id; null is `<run_dir>/models/midtrain` (the tiny preset)."""
     eos_token: str = "<|im_end|>"
     """Token that ends the teacher's turn (Qwen chat format)."""
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra arguments for the tokenizer's chat template, e.g. {enable_thinking: true} for Qwen3."""
-
-
-class SamplingSection(Section):
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int = Field(default=1024, ge=1)
-    """Longest unconstrained answer (a constrained answer's length is fixed by its format)."""
-    constrained: bool = False
-    """Decode under rec.answer_constraint: every sample is a valid ranking; the explanation is free text."""
-    max_explanation_tokens: int = Field(default=64, ge=0)
-    """Explanation budget of a constrained answer."""
-
-
-class PromptSection(Section):
-    history_token_budget: int | None = Field(default=400, ge=0)
-    """Tokens for the history lines (the most recent items that fit); null keeps all."""
-    max_title_chars: int | None = Field(default=100, ge=8)
-    """Titles longer than this are cut."""
-    priming: str | None = None
-    """Domain knowledge added to every prompt (e.g. what sells together in beauty)."""
 
 
 class TracesConfig(EngineActorsConfig):
@@ -105,8 +84,8 @@ class TracesConfig(EngineActorsConfig):
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     backend: Literal["vllm", "hf"] = "vllm"
     """vLLM engines, or a plain loop over HF `generate` per row (the reference and the benchmark baseline)."""
-    sampling: SamplingSection = Field(default_factory=SamplingSection)
-    prompt: PromptSection = Field(default_factory=PromptSection)
+    sampling: RerankSamplingSection = Field(default_factory=RerankSamplingSection)
+    prompt: RerankPromptSection = Field(default_factory=RerankPromptSection)
     samples_per_round: int = Field(default=4, ge=1)
     """Reject mode: samples per unresolved row and round, in one request (n)."""
     max_attempts: int = Field(default=8, ge=1)
@@ -180,6 +159,7 @@ class RowState:
     """Prompt tokens sent: the prompt once per round (its n samples share it), i.e. rounds x prompt length."""
     generated_tokens: int = 0
     reasons: Counter = field(default_factory=Counter)
+    candidate_token_ids: list[list[int]] = field(default_factory=list)
 
     def take(self, text: str, parsed, round_number: int) -> None:
         """Record one sample: the first accepted one wins; before that, a valid one beats an invalid one."""
@@ -203,24 +183,16 @@ class TeacherBatch:
         from transformers import AutoTokenizer
 
         from pipelines.common import setup_logging
-        from rec.engines import RANKING_PROCESSOR
-        from rec.sid.codes import render_sid
+        from rec.engines import RANKING_PROCESSOR, RerankGenerator
+        from rec.rerank import PromptBuilder, catalogue
 
         setup_logging()
         self.cfg = cfg = TracesConfig.model_validate(cfg)
-        run = RunDir.open(run_dir)
-        sid_map = run.read_parquet("sid", "sid_map.parquet").to_pydict()
-        self.sid_of = {int(i): render_sid(c) for i, c in zip(sid_map["item_id"], sid_map["codes"])}
-        items = run.read_parquet("data", "items.parquet").select(["item_id", "title"]).to_pydict()
-        self.title_of = {int(i): t or "" for i, t in zip(items["item_id"], items["title"])}
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.eos_id = self.tokenizer.convert_tokens_to_ids(cfg.teacher.eos_token)
-        if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        self.prompts = PromptBuilder(tokenizer, *catalogue(RunDir.open(run_dir)), cfg.prompt)
+        eos_id = tokenizer.convert_tokens_to_ids(cfg.teacher.eos_token)
+        if eos_id is None or eos_id == tokenizer.unk_token_id:
             raise ValueError(f"teacher.eos_token {cfg.teacher.eos_token!r} is not a token of {model}")
-        if cfg.sampling.constrained:
-            from rec.answer_constraint import RankingAnswerFormat
-
-            self.format = RankingAnswerFormat.from_tokenizer(self.tokenizer, eos_token=cfg.teacher.eos_token)
         if cfg.backend == "hf":
             import torch
 
@@ -228,94 +200,19 @@ class TeacherBatch:
 
             torch.manual_seed(cfg.seed)
             torch.set_num_threads(max(1, round(cfg.cpus_per_actor)))
-            self.model = load_student(model, dtype=getattr(torch, cfg.engine.dtype))[1].eval()
+            hf_model = load_student(model, dtype=getattr(torch, cfg.engine.dtype))[1].eval()
+            self.generator = RerankGenerator(tokenizer, eos_id, cfg.sampling, model=hf_model)
             log.info("traces: HF teacher %s", model)
             return
         processors = [RANKING_PROCESSOR] if cfg.sampling.constrained else []
-        self.llm, bound, self._core_lock = start_actor_engine(cfg, model, logits_processors=processors,
-                                                              seed=cfg.seed)
+        llm, bound, self._core_lock = start_actor_engine(cfg, model, logits_processors=processors, seed=cfg.seed)
+        self.generator = RerankGenerator(tokenizer, eos_id, cfg.sampling, llm=llm)
         log.info("traces actor: teacher %s on cores %s", model, bound or "-")
 
-    def _count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def _row(self, row_id: int, history: list[int], candidates: list[int], target: int) -> RowState:
-        from rec.rerank import Item, build_messages
-
-        def item(item_id: int) -> Item:
-            return Item(self.sid_of[item_id], self.title_of.get(item_id, ""))
-
-        p = self.cfg.prompt
-        messages = build_messages(
-            [item(i) for i in history], [item(i) for i in candidates],
-            target=item(target) if self.cfg.mode == "target" else None, priming=p.priming,
-            count_tokens=self._count_tokens, history_token_budget=p.history_token_budget,
-            max_title_chars=p.max_title_chars,
-        )
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                    **self.cfg.teacher.chat_template_kwargs)
-        return RowState(row_id, prompt, self.tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                        [self.sid_of[i] for i in candidates], candidates, candidates.index(target))
-
-    def _candidate_token_ids(self, row: RowState) -> list[list[int]]:
-        return [self.tokenizer(sid, add_special_tokens=False)["input_ids"] for sid in row.candidate_sids]
-
-    def _max_tokens(self, row: RowState) -> int:
-        s = self.cfg.sampling
-        if s.constrained:
-            return self.format.max_tokens(self._candidate_token_ids(row), s.max_explanation_tokens)
-        return s.max_tokens
-
-    def _generate(self, rows: list[RowState], samples: list[int]) -> list[list[tuple[str, int]]]:
-        """`samples[i]` completions of row i as (text, generated tokens): one vLLM request per row (n samples share
-        its prompt), all rows in one engine call; or HF `generate` row by row."""
-        s = self.cfg.sampling
-        if self.cfg.backend == "hf":
-            return [self._hf_generate(row, n) for row, n in zip(rows, samples)]
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        from rec.engines import ranking_extra_args
-
-        params = []
-        for row, n in zip(rows, samples):
-            args: dict[str, Any] = {"n": n, "temperature": s.temperature, "top_p": s.top_p,
-                                    "max_tokens": self._max_tokens(row), "stop_token_ids": [self.eos_id],
-                                    "skip_special_tokens": False}
-            if s.constrained:
-                args["extra_args"] = ranking_extra_args(self._candidate_token_ids(row), s.max_explanation_tokens,
-                                                        self.eos_id)
-            params.append(SamplingParams(**args))
-        prompts = [TokensPrompt(prompt_token_ids=row.prompt_ids) for row in rows]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[(o.text, len(o.token_ids)) for o in output.outputs] for output in outputs]
-
-    def _hf_generate(self, row: RowState, n: int) -> list[tuple[str, int]]:
-        import torch
-
-        from rec.answer_constraint import HfRankingLogitsProcessor, RankingConstraint
-
-        s = self.cfg.sampling
-        prompt = torch.tensor([row.prompt_ids])
-        processors = []
-        if s.constrained:
-            constraints = [RankingConstraint(self.format, self._candidate_token_ids(row), s.max_explanation_tokens)
-                           for _ in range(n)]
-            processors.append(HfRankingLogitsProcessor(constraints, prompt.shape[1]))
-        with torch.no_grad():
-            out = self.model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=s.temperature > 0,
-                temperature=s.temperature or None, top_p=s.top_p, top_k=0, num_return_sequences=n,
-                max_new_tokens=self._max_tokens(row), logits_processor=processors, eos_token_id=self.eos_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        samples = []
-        for tokens in out[:, prompt.shape[1]:].tolist():
-            if self.eos_id in tokens:
-                tokens = tokens[: tokens.index(self.eos_id) + 1]
-            text = self.tokenizer.decode([t for t in tokens if t != self.eos_id], skip_special_tokens=False)
-            samples.append((text, len(tokens)))
-        return samples
+        prompt, prompt_ids = self.prompts.prompt(history, candidates, target if self.cfg.mode == "target" else None)
+        return RowState(row_id, prompt, prompt_ids, self.prompts.candidate_sids(candidates), candidates,
+                        candidates.index(target), candidate_token_ids=self.prompts.candidate_token_ids(candidates))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from rec.rerank import parse_answer
@@ -325,7 +222,7 @@ class TeacherBatch:
         limit = self.cfg.engine.max_model_len
         pending = []
         for row in rows:
-            if len(row.prompt_ids) + self._max_tokens(row) > limit:
+            if len(row.prompt_ids) + self.generator.max_tokens(row.candidate_token_ids) > limit:
                 row.reasons["prompt_too_long"] += 1  # counted, never sent
                 row.attempts = self.cfg.attempt_budget
             else:
@@ -333,7 +230,8 @@ class TeacherBatch:
         round_number = 0
         while pending:
             round_number += 1
-            outputs = self._generate(pending, [self.cfg.samples_in_round(row.attempts) for row in pending])
+            outputs = self.generator.generate([r.prompt_ids for r in pending], [r.candidate_token_ids for r in pending],
+                                              [self.cfg.samples_in_round(r.attempts) for r in pending])
             for row, samples in zip(pending, outputs):
                 row.rounds += 1
                 row.request_prompt_tokens += len(row.prompt_ids)
@@ -349,7 +247,8 @@ class TeacherBatch:
             "valid": [r.valid for r in rows], "accepted": [bool(r.accepted_round) for r in rows],
             "attempts": [r.attempts for r in rows], "rounds": [r.rounds for r in rows],
             "accepted_round": [r.accepted_round for r in rows], "prompt_tokens": [len(r.prompt_ids) for r in rows],
-            "request_prompt_tokens": [r.request_prompt_tokens for r in rows], "generated_tokens": [r.generated_tokens for r in rows],
+            "request_prompt_tokens": [r.request_prompt_tokens for r in rows],
+            "generated_tokens": [r.generated_tokens for r in rows],
             "invalid_samples": [sum(r.reasons.values()) for r in rows],
             "invalid_reasons": [json.dumps(dict(r.reasons), sort_keys=True) for r in rows],
             "run_id": [run_id] * len(rows),

@@ -214,3 +214,76 @@ def __getattr__(name: str):
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class RerankGenerator:
+    """Re-rank answers for prompts: one implementation for teacher traces, evaluation, RL rollouts and serving.
+
+    Back-ends: a `vllm.LLM` (one request per prompt, its `n` samples share the prompt; the ranking constraint runs
+    as the engine's logits processor, so start it with `logits_processors=[RANKING_PROCESSOR]`), or an HF causal LM
+    (`generate` one prompt at a time, the same constraint as an HF logits processor: the reference).
+    """
+
+    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None):
+        from rec.answer_constraint import RankingAnswerFormat
+
+        if (llm is None) == (model is None):
+            raise ValueError("give exactly one of llm (vLLM) or model (HF)")
+        self.tokenizer, self.eos_id, self.sampling, self.llm, self.model = tokenizer, eos_id, sampling, llm, model
+        self.format = (RankingAnswerFormat.from_tokenizer(tokenizer, eos_token=tokenizer.convert_ids_to_tokens(eos_id))
+                       if sampling.constrained else None)
+
+    def max_tokens(self, candidate_token_ids: Sequence[Sequence[int]]) -> int:
+        s = self.sampling
+        if self.format is not None:
+            return self.format.max_tokens(candidate_token_ids, s.max_explanation_tokens)
+        return s.max_tokens
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], candidate_token_ids: Sequence[Sequence[Sequence[int]]],
+        samples: Sequence[int],
+    ) -> list[list[tuple[str, int]]]:
+        """`samples[i]` answers to prompt i as (text without the eos, generated tokens including it)."""
+        if self.model is not None:
+            return [self._hf(p, c, n) for p, c, n in zip(prompts, candidate_token_ids, samples)]
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        s = self.sampling
+        params = []
+        for candidates, n in zip(candidate_token_ids, samples):
+            args: dict[str, Any] = {"n": n, "temperature": s.temperature, "top_p": s.top_p,
+                                    "max_tokens": self.max_tokens(candidates), "stop_token_ids": [self.eos_id],
+                                    "skip_special_tokens": False}
+            if self.format is not None:
+                args["extra_args"] = ranking_extra_args(candidates, s.max_explanation_tokens, self.eos_id)
+            params.append(SamplingParams(**args))
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [[(o.text, len(o.token_ids)) for o in output.outputs] for output in outputs]
+
+    def _hf(self, prompt_ids: Sequence[int], candidates: Sequence[Sequence[int]], n: int) -> list[tuple[str, int]]:
+        import torch
+
+        from rec.answer_constraint import HfRankingLogitsProcessor, RankingConstraint
+
+        s = self.sampling
+        prompt = torch.tensor([list(prompt_ids)], device=self.model.device)
+        processors = []
+        if self.format is not None:
+            constraints = [RankingConstraint(self.format, candidates, s.max_explanation_tokens) for _ in range(n)]
+            processors.append(HfRankingLogitsProcessor(constraints, prompt.shape[1]))
+        sample = s.temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=sample,
+                temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
+                top_k=0 if sample else None, num_return_sequences=n, max_new_tokens=self.max_tokens(candidates),
+                logits_processor=processors, eos_token_id=self.eos_id, pad_token_id=self.tokenizer.pad_token_id,
+            )
+        answers = []
+        for tokens in out[:, prompt.shape[1]:].tolist():
+            if self.eos_id in tokens:
+                tokens = tokens[: tokens.index(self.eos_id) + 1]
+            text = self.tokenizer.decode([t for t in tokens if t != self.eos_id], skip_special_tokens=False)
+            answers.append((text, len(tokens)))
+        return answers

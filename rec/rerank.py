@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from pydantic import Field
+
+from rec.config import Section
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -215,3 +219,93 @@ def parse_answer(text: str, candidate_sids: Sequence[str]) -> ParseResult:
         return _invalid(MISSING_CANDIDATES, f"{len(candidate_sids) - len(ranking)} candidate(s) not ranked",
                         explanation)
     return ParseResult(valid=True, ranking=ranking, explanation=explanation)
+
+
+def final_ranking(parsed: ParseResult, candidates: Sequence[int]) -> tuple[list[int], str | None]:
+    """The re-ranked item ids, or the incoming (pre-rank) order with the reason when the answer is unusable.
+
+    >>> final_ranking(ParseResult(valid=True, ranking=[1, 0]), [7, 8])
+    ([8, 7], None)
+    >>> final_ranking(ParseResult(valid=False, reason="truncated"), [7, 8])
+    ([7, 8], 'truncated')
+    """
+    if parsed.valid:
+        return [candidates[p] for p in parsed.ranking], None
+    return list(candidates), parsed.reason
+
+
+class RerankPromptSection(Section):
+    """How re-rank prompts are built; the teacher, SFT, evaluation, RL and serving all read this section."""
+
+    history_token_budget: int | None = Field(default=400, ge=0)
+    """Tokens for the history lines (the most recent items that fit); null keeps all."""
+    max_title_chars: int | None = Field(default=100, ge=8)
+    """Titles longer than this are cut."""
+    priming: str | None = None
+    """Domain knowledge added to every prompt (e.g. what sells together in beauty)."""
+    chat_template_kwargs: dict = Field(default_factory=dict)
+    """Extra arguments for the tokenizer's chat template, e.g. {enable_thinking: true} for Qwen3."""
+
+
+class RerankSamplingSection(Section):
+    """How answers are sampled (teacher traces, evaluation, RL rollouts, serving)."""
+
+    temperature: float = Field(default=1.0, ge=0)
+    """0 is greedy."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=1024, ge=1)
+    """Longest unconstrained answer (a constrained answer's length is fixed by its format)."""
+    constrained: bool = False
+    """Decode under rec.answer_constraint: every answer is a valid ranking; the explanation is free text."""
+    max_explanation_tokens: int = Field(default=64, ge=0)
+    """Explanation budget of a constrained answer."""
+
+
+class PromptBuilder:
+    """Re-rank prompts for one tokenizer and catalogue: item ids in, chat text and token ids out."""
+
+    def __init__(self, tokenizer, sid_of: Mapping[int, str], title_of: Mapping[int, str], section: RerankPromptSection):
+        self.tokenizer = tokenizer
+        self.sid_of = sid_of
+        self.title_of = title_of
+        self.section = section
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def item(self, item_id: int) -> Item:
+        try:
+            return Item(self.sid_of[int(item_id)], self.title_of.get(int(item_id), ""))
+        except KeyError:
+            raise KeyError(f"item {item_id} has no SID in sid/sid_map.parquet") from None
+
+    def messages(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> list[dict]:
+        s = self.section
+        return build_messages(
+            [self.item(i) for i in history], [self.item(i) for i in candidates],
+            target=self.item(target) if target is not None else None, priming=s.priming,
+            count_tokens=self.count_tokens, history_token_budget=s.history_token_budget,
+            max_title_chars=s.max_title_chars,
+        )
+
+    def prompt(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> tuple[str, list[int]]:
+        """(chat text up to the assistant turn, its token ids)."""
+        text = self.tokenizer.apply_chat_template(self.messages(history, candidates, target), tokenize=False,
+                                                  add_generation_prompt=True, **self.section.chat_template_kwargs)
+        return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def candidate_sids(self, candidates: Sequence[int]) -> list[str]:
+        return [self.sid_of[int(i)] for i in candidates]
+
+    def candidate_token_ids(self, candidates: Sequence[int]) -> list[list[int]]:
+        return [self.tokenizer(self.sid_of[int(i)], add_special_tokens=False)["input_ids"] for i in candidates]
+
+
+def catalogue(run_dir) -> tuple[dict[int, str], dict[int, str]]:
+    """(item id -> SID string, item id -> title) of a run directory (`rec.io.RunDir`)."""
+    from rec.sid.codes import render_sid
+
+    sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
+    items = run_dir.read_parquet("data", "items.parquet").select(["item_id", "title"]).to_pydict()
+    return ({int(i): render_sid(c) for i, c in zip(sid_map["item_id"], sid_map["codes"])},
+            {int(i): t or "" for i, t in zip(items["item_id"], items["title"])})
