@@ -16,18 +16,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
-from pipelines.common import config_mismatch, exit_on_user_error, init_ray, local_cpus, parse_cli
-from pipelines.train_utils import TrainJob, TrainSection, fit, publish_checkpoint, read_trainer_state
+from pipelines.common import exit_on_user_error, init_ray, local_cpus, parse_cli
+from pipelines.train_utils import (
+    TrainJob,
+    TrainSection,
+    check_previous,
+    count_parameters,
+    fit,
+    publish_checkpoint,
+    read_trainer_state,
+    tokenizer_files,
+)
 from rec.config import Section, StageConfig, config_fingerprint
 from rec.io import RunDir
 from rec.midtrain_data import TASKS, build_task_examples, collate, mix, mixture_stats, pack, tokenizer_corpus, unpacked
@@ -82,12 +89,6 @@ class MidtrainConfig(StageConfig):
     """Start again: delete the checkpoints and the published model of an earlier run in this run_dir."""
 
 
-def _tokenizer_files(tokenizer) -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory() as directory:
-        tokenizer.save_pretrained(directory)
-        return {path.name: path.read_bytes() for path in sorted(Path(directory).iterdir())}
-
-
 def _tokenizer_from_files(files: dict[str, bytes]):
     from transformers import AutoTokenizer
 
@@ -120,18 +121,18 @@ def prepare_tokenizer(cfg: MidtrainConfig, run_dir: RunDir, texts: list[str], le
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         add_sid_tokens(tokenizer, None, levels, codebook_size)
-    for name, data in _tokenizer_files(tokenizer).items():
+    for name, data in tokenizer_files(tokenizer).items():
         run_dir.write_bytes(data, *stored, name)
     return tokenizer
 
 
-def build_student(model_cfg: ModelSection, tokenizer_files: dict[str, bytes], seed: int, dtype: str = "float32"):
+def build_student(model_cfg: ModelSection, files: dict[str, bytes], seed: int, dtype: str = "float32"):
     """On a worker: the tiny model built from dims, or the hub/local model with embeddings resized to the tokenizer."""
     import torch
 
     from rec.model import build_tiny_model, configure_special_ids
 
-    tokenizer = _tokenizer_from_files(tokenizer_files)
+    tokenizer = _tokenizer_from_files(files)
     if model_cfg.name_or_path is None:
         model = build_tiny_model(model_cfg, len(tokenizer), seed=seed)
     else:
@@ -150,18 +151,6 @@ def causal_lm_loss(model, batch) -> tuple[Any, int]:
     return out.loss, int(batch["attention_mask"].sum())
 
 
-def _check_previous(cfg: MidtrainConfig, run_dir: RunDir, fingerprint: dict) -> None:
-    """Refuse to resume or overwrite outputs of a different config (unless overwrite=true, which deletes them)."""
-    marker = ("models", CKPT_NAME, "fingerprint.json")
-    if cfg.overwrite:
-        for parts in (("models", CKPT_NAME), OUTPUT):
-            if run_dir.exists(*parts):
-                run_dir.fs.delete_dir(run_dir.path(*parts))
-    elif run_dir.exists(*marker) and run_dir.read_json(*marker) != fingerprint:
-        raise config_mismatch("midtrain", run_dir.path(*marker), run_dir.read_json(*marker), fingerprint)
-    run_dir.write_json(fingerprint, *marker)
-
-
 def run(cfg: MidtrainConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir = RunDir.open(cfg.run_dir)
@@ -177,7 +166,7 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
         "inputs": {"items": len(items["item_id"]), "train_users": train_table.num_rows, "sid_levels": levels,
                    "codebook_size": codebook_size},
     }
-    _check_previous(cfg, run_dir, fingerprint)
+    check_previous("midtrain", run_dir, CKPT_NAME, OUTPUT, fingerprint, cfg.overwrite)
 
     tokenizer = prepare_tokenizer(cfg, run_dir, items["text"], levels, codebook_size)
     tasks = build_task_examples(
@@ -200,17 +189,17 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
     import ray.data
 
     dataset = ray.data.from_items(rows)
-    tokenizer_files = _tokenizer_files(tokenizer)
+    files = tokenizer_files(tokenizer)
     job = TrainJob(
         train=cfg.train,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         build_model=partial(
-            build_student, cfg.model, tokenizer_files, cfg.seed, "bfloat16" if cfg.train.precision == "bf16" else "float32"
+            build_student, cfg.model, files, cfg.seed, "bfloat16" if cfg.train.precision == "bf16" else "float32"
         ),
         loss_fn=causal_lm_loss,
         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
-        extra_files=tokenizer_files,
+        extra_files=files,
         seed=cfg.seed,
         stage="midtrain",
     )
@@ -229,7 +218,7 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
         "tokens": state["tokens"],
         "final_loss": metrics.get("loss"),
         "tokens_per_s": metrics.get("tokens_per_s"),
-        "parameters": _count_parameters(run_dir),
+        "parameters": count_parameters(run_dir, *OUTPUT),
         "vocab_size": len(tokenizer),
         "rows": len(rows),
         "mixture": stats,
@@ -239,20 +228,6 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
     }
     run_dir.write_json(report, *OUTPUT, REPORT)
     return report
-
-
-def _count_parameters(run_dir: RunDir) -> int | None:
-    """Parameters in the published safetensors (tied weights are stored once)."""
-    from safetensors import safe_open
-
-    try:
-        path = run_dir.local_path(*OUTPUT, "model.safetensors")
-    except ValueError:
-        return None
-    if not os.path.exists(path):
-        return None
-    with safe_open(path, framework="pt") as weights:
-        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
 
 
 @exit_on_user_error

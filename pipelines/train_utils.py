@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -167,6 +168,9 @@ class TrainJob:
     """Files written into every checkpoint next to the weights (the tokenizer)."""
     seed: int = 0
     stage: str = "train"
+    eval_rows: list[dict[str, Any]] | None = None
+    """Held-out rows: their mean loss is logged as `eval_loss` every `eval_every_steps` and at the last step."""
+    eval_every_steps: int | None = None
 
 
 def _numpy_collate(fn: Callable[[dict[str, Any]], dict[str, torch.Tensor]]):
@@ -237,6 +241,27 @@ def _restore(engine, job: TrainJob, world_size: int) -> tuple[dict[str, Any], li
     log.info("%s: resumed from %s at step %d", job.stage, checkpoint.path, state["step"])
     state["resumed_from_step"] = state["step"]
     return state, history
+
+
+def _eval_loss(engine, job: TrainJob, rank: int, world_size: int, device) -> float | None:
+    """Mean loss over the held-out rows. Every rank takes the same number of rows (ZeRO-3 gathers parameters
+    collectively, so all ranks must run the same forwards), and the sums are all-reduced."""
+    import torch.distributed as dist
+
+    if not job.eval_rows:
+        return None
+    per_rank = len(job.eval_rows) // world_size
+    mine = job.eval_rows[rank::world_size][:per_rank]
+    totals = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, per_rank, job.train.batch_size):
+            chunk = mine[start:start + job.train.batch_size]
+            loss, _ = job.loss_fn(engine, _to_device(job.collate_fn(chunk), device))
+            totals += torch.tensor([float(loss) * len(chunk), len(chunk)], dtype=torch.float64)
+    engine.train()
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] else None
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -322,12 +347,15 @@ def train_worker(config: dict[str, Any]) -> None:
                     "tokens_per_s": float(totals[2]) / max(elapsed, 1e-9),
                     "tokens": state["tokens"],
                 }
+                if job.eval_every_steps and (step % job.eval_every_steps == 0 or last):
+                    record["eval_loss"] = _eval_loss(engine, job, rank, world_size, device)
                 history.append(record)
                 if rank == 0:
                     log.info(
-                        "%s step %d/%d epoch %.2f loss %.4f lr %.2e tokens/s %.0f",
+                        "%s step %d/%d epoch %.2f loss %.4f lr %.2e tokens/s %.0f%s",
                         job.stage, step, job.total_steps, record["epoch"], record["loss"], record["lr"],
                         record["tokens_per_s"],
+                        f" eval_loss {record['eval_loss']:.4f}" if record.get("eval_loss") is not None else "",
                     )
                 window.zero_()
                 if step % train.checkpoint_every_steps == 0 or last:
@@ -371,6 +399,43 @@ def fit(job: TrainJob, dataset, storage_path: str, name: str, storage_filesystem
         datasets={"train": dataset},
     )
     return trainer.fit()
+
+
+def check_previous(stage: str, run_dir: RunDir, ckpt_name: str, output: tuple[str, ...], fingerprint: dict,
+                   overwrite: bool) -> None:
+    """Refuse to resume or overwrite the checkpoints of a different config (overwrite=true deletes them and the
+    published model instead); record this config next to the checkpoints."""
+    from pipelines.common import config_mismatch
+
+    marker = ("models", ckpt_name, "fingerprint.json")
+    if overwrite:
+        for parts in (("models", ckpt_name), output):
+            if run_dir.exists(*parts):
+                run_dir.fs.delete_dir(run_dir.path(*parts))
+    elif run_dir.exists(*marker) and run_dir.read_json(*marker) != fingerprint:
+        raise config_mismatch(stage, run_dir.path(*marker), run_dir.read_json(*marker), fingerprint)
+    run_dir.write_json(fingerprint, *marker)
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The files `save_pretrained` writes for `tokenizer`, by name (shipped into every checkpoint)."""
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        return {path.name: path.read_bytes() for path in sorted(Path(directory).iterdir())}
+
+
+def count_parameters(run_dir: RunDir, *parts: str) -> int | None:
+    """Parameters in the published safetensors (tied weights are stored once)."""
+    from safetensors import safe_open
+
+    try:
+        path = run_dir.local_path(*parts, "model.safetensors")
+    except ValueError:
+        return None
+    if not os.path.exists(path):
+        return None
+    with safe_open(path, framework="pt") as weights:
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
 
 
 def publish_checkpoint(checkpoint, run_dir: RunDir, *parts: str) -> str:

@@ -20,8 +20,8 @@ from midtrain_fixtures import make_run_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipelines.common import REPO_ROOT, StageOutputsMismatch, init_ray, setup_env
-from pipelines.midtrain import OUTPUT, RESUMABLE_FIELDS, MidtrainConfig, _check_previous, _tokenizer_files, build_student, run
-from pipelines.train_utils import read_train_log, read_trainer_state
+from pipelines.midtrain import CKPT_NAME, OUTPUT, RESUMABLE_FIELDS, MidtrainConfig, build_student, run
+from pipelines.train_utils import check_previous, read_train_log, read_trainer_state, tokenizer_files
 from rec.config import ConfigError, config_fingerprint, load_config
 from rec.io import RunDir
 from rec.midtrain_data import SidEncoder, next_item_prompt_ids
@@ -87,7 +87,7 @@ def test_midtrain_two_workers_zero2_trains_and_publishes(tmp_path, ray_cluster):
     assert history[-1]["loss"] < history[0]["loss"] - 0.3, history
 
     path, tokenizer, model = _published(run_dir)
-    files = _tokenizer_files(tokenizer)
+    files = tokenizer_files(tokenizer)
     initial = build_student(cfg.model, files, cfg.seed)
     unchanged = [
         name for (name, before), after in zip(initial.named_parameters(), model.parameters())
@@ -195,7 +195,7 @@ def test_a_different_config_refuses_to_resume(tmp_path):
     make_run_dir(tmp_path / "run", max_users=20)
     run_dir = RunDir.open(str(tmp_path / "run"))
     first = _config(tmp_path / "run")
-    _check_previous(first, run_dir, config_fingerprint(first, exclude=RESUMABLE_FIELDS))
+    check_previous("midtrain", run_dir, CKPT_NAME, OUTPUT, config_fingerprint(first, exclude=RESUMABLE_FIELDS), False)
     with pytest.raises(StageOutputsMismatch, match="fields differ: inputs, model"):
         run(_config(tmp_path / "run", "model.hidden_size=64"))
     assert run_dir.exists("models", "midtrain_ckpt", "fingerprint.json")

@@ -1,0 +1,223 @@
+"""Stage `sft`: the student learns to reason and re-rank from the teacher's accepted traces.
+
+Reads `<run_dir>/traces/{source}.parquet` (accepted rows only), `data/items.parquet`, `sid/sid_map.parquet` and
+the mid-trained student (`init_model`, or `<run_dir>/models/midtrain`). Each example is the re-rank prompt WITHOUT
+the target (rec.rerank.PromptBuilder, the same prompt evaluation and serving use) and the teacher's answer as the
+assistant turn; the loss covers the assistant turn only, reasoning tokens weighted `lambda_reasoning`, the ranking
+`lambda_ranking` (rec.sft_data). Trains with Ray Train `TorchTrainer` + DeepSpeed ZeRO-2/3 (pipelines.train_utils:
+gradient accumulation, warm-up + cosine LR, eval loss on a held-out slice of rows, checkpoints through Ray Train
+with resume, `FailureConfig(max_failures)` so a lost worker restarts from the last checkpoint).
+
+Writes `<run_dir>/models/sft_{source}/` (HF safetensors + tokenizer, loadable by transformers and vLLM) with
+`sft_report.json` and `gr2_rerank.json` (the prompt settings it was trained with; evaluation and serving read them).
+Checkpoints: `<run_dir>/models/sft_{source}_ckpt/`; rerunning the same command resumes or, when finished, skips.
+
+Local:    python -m pipelines.sft --config pipelines/configs/tiny/sft.yaml [source=target]
+Cluster:  ray job submit --working-dir . -- python -m pipelines.sft --config pipelines/configs/qwen3_8b/sft.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+from pydantic import Field, model_validator
+
+from pipelines.common import exit_on_user_error, init_ray, local_cpus, model_digest, parse_cli
+from pipelines.train_utils import (
+    TrainJob,
+    TrainSection,
+    check_previous,
+    count_parameters,
+    fit,
+    publish_checkpoint,
+    read_train_log,
+    read_trainer_state,
+    tokenizer_files,
+)
+from rec.config import StageConfig, config_fingerprint
+from rec.io import RunDir
+from rec.rerank import RerankPromptSection
+
+log = logging.getLogger("gr2.sft")
+
+REPORT = "sft_report.json"
+RERANK_SETTINGS = "gr2_rerank.json"
+RESUMABLE_FIELDS = {"run_dir", "overwrite", "train"}
+
+
+class SftConfig(StageConfig):
+    source: Literal["reject", "target"] = "reject"
+    """Which traces to learn from: traces/{source}.parquet."""
+    init_model: str | None = None
+    """Student to start from (a local path); null is `<run_dir>/models/midtrain`."""
+    output: str | None = None
+    """Model folder under `<run_dir>/models/`; null is `sft_{source}`."""
+    prompt: RerankPromptSection = Field(default_factory=RerankPromptSection)
+    """How prompts are built (saved with the model as gr2_rerank.json for evaluation and serving)."""
+    eos_token: str = "<|im_end|>"
+    """Token that ends the assistant turn (learned at the end of every answer)."""
+    lambda_reasoning: float = Field(default=0.5, ge=0)
+    """Loss weight of reasoning tokens (the think block and the JSON explanation)."""
+    lambda_ranking: float = Field(default=1.0, gt=0)
+    """Loss weight of the ranking and the rest of the answer."""
+    max_len: int = Field(default=2048, ge=64)
+    """Longest prompt + answer; longer examples are dropped and counted."""
+    eval_fraction: float = Field(default=0.1, ge=0, lt=1)
+    """Share of the accepted rows held out for the eval loss (chosen by a seeded shuffle)."""
+    eval_max_rows: int = Field(default=64, ge=0)
+    """At most this many held-out rows."""
+    eval_every_steps: int = Field(default=20, ge=1)
+    """Eval loss every this many optimizer steps (and at the last)."""
+    train: TrainSection = Field(default_factory=TrainSection)
+    """Optimisation, Ray Train workers, DeepSpeed ZeRO stage, checkpointing, max_failures."""
+    overwrite: bool = False
+    """Start again: delete this output's checkpoints and model."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SftConfig:
+        if self.lambda_reasoning > self.lambda_ranking:
+            raise ValueError(f"lambda_reasoning ({self.lambda_reasoning}) should not exceed lambda_ranking "
+                             f"({self.lambda_ranking}): the paper weights reasoning tokens less than the ranking")
+        return self
+
+    @property
+    def output_name(self) -> str:
+        return self.output or f"sft_{self.source}"
+
+
+def build_examples(cfg: SftConfig, run_dir: RunDir, tokenizer) -> tuple[list[dict], dict[str, int]]:
+    """Accepted traces -> tokenised examples (dicts of input_ids, labels, weights), in row order, and counts."""
+    from rec.rerank import PromptBuilder, catalogue
+    from rec.sft_data import build_example
+
+    path = ("traces", f"{cfg.source}.parquet")
+    if not run_dir.exists(*path):
+        raise FileNotFoundError(f"{run_dir.path(*path)} missing; run the traces stage with mode={cfg.source}")
+    traces = run_dir.read_parquet(*path)
+    accepted = traces.filter(pc.equal(traces.column("accepted"), True))
+    builder = PromptBuilder(tokenizer, *catalogue(run_dir), cfg.prompt)
+    eos_id = tokenizer.convert_tokens_to_ids(cfg.eos_token)
+    examples, too_long = [], 0
+    columns = [accepted.column(c).to_pylist() for c in ("history", "candidates", "completion")]
+    for history, candidates, completion in zip(*columns):
+        _, prompt_ids = builder.prompt(history, candidates)  # the student never sees the target
+        example = build_example(tokenizer, prompt_ids, completion, eos_id, cfg.lambda_reasoning, cfg.lambda_ranking)
+        if len(example.input_ids) > cfg.max_len:
+            too_long += 1
+            continue
+        examples.append({"input_ids": example.input_ids, "labels": example.labels, "weights": example.weights})
+    counts = {"trace_rows": traces.num_rows, "accepted_rows": accepted.num_rows, "dropped_too_long": too_long,
+              "examples": len(examples)}
+    if not examples:
+        raise ValueError(f"{run_dir.path(*path)} has no accepted trace that fits max_len={cfg.max_len}: {counts}")
+    return examples, counts
+
+
+def split_eval(examples: list[dict], cfg: SftConfig) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): a seeded share of the rows, at most eval_max_rows."""
+    order = np.random.default_rng(cfg.seed).permutation(len(examples))
+    held = min(int(len(examples) * cfg.eval_fraction), cfg.eval_max_rows)
+    held_out = set(order[:held].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held_out],
+            [e for i, e in enumerate(examples) if i in held_out])
+
+
+def load_model(path: str, dtype: str):
+    """On a worker: the student to fine-tune."""
+    import torch
+
+    from rec.model import load_student
+
+    return load_student(path, dtype=getattr(torch, dtype))[1]
+
+
+def weighted_loss(model, batch) -> tuple[Any, int]:
+    from rec.sft_data import weighted_lm_loss
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return weighted_lm_loss(out.logits, batch["labels"], batch["weights"]), int(batch["attention_mask"].sum())
+
+
+def run(cfg: SftConfig) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from rec.sft_data import collate
+
+    started = time.perf_counter()
+    run_dir = RunDir.open(cfg.run_dir)
+    init = cfg.init_model or run_dir.local_path("models", "midtrain")
+    if not pafs.LocalFileSystem().get_file_info(f"{init}/config.json").is_file:
+        raise FileNotFoundError(f"no student at {init} (config.json missing); run midtrain or set init_model")
+    output = ("models", cfg.output_name)
+    ckpt_name = f"{cfg.output_name}_ckpt"
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    examples, counts = build_examples(cfg, run_dir, tokenizer)
+    train_rows, eval_rows = split_eval(examples, cfg)
+    fingerprint = config_fingerprint(cfg, exclude=RESUMABLE_FIELDS) | {
+        "init_digest": model_digest(init), "examples": len(examples),
+    }
+    check_previous("sft", run_dir, ckpt_name, output, fingerprint, cfg.overwrite)
+    steps_per_epoch, total_steps = cfg.train.steps_for(len(train_rows))
+    log.info("sft: %d examples from traces/%s.parquet (%s); %d train / %d held out; %d steps/epoch, to step %d",
+             len(examples), cfg.source, counts, len(train_rows), len(eval_rows), steps_per_epoch, total_steps)
+    done = read_trainer_state(run_dir, *output)
+    if done is not None and done["step"] == total_steps and run_dir.exists(*output, REPORT):
+        log.info("sft: %s already trained to step %d; nothing to do", run_dir.path(*output), total_steps)
+        return run_dir.read_json(*output, REPORT)
+
+    init_ray(local_cpus(None, cfg.train.num_workers * cfg.train.cpus_per_worker, "the Ray Train workers"))
+    import ray.data
+
+    pad_id = tokenizer.pad_token_id
+    job = TrainJob(
+        train=cfg.train, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        build_model=partial(load_model, init, "bfloat16" if cfg.train.precision == "bf16" else "float32"),
+        loss_fn=weighted_loss, collate_fn=partial(collate, pad_id=pad_id),
+        extra_files=tokenizer_files(tokenizer), seed=cfg.seed, stage="sft",
+        eval_rows=eval_rows or None, eval_every_steps=cfg.eval_every_steps,
+    )
+    train_started = time.perf_counter()
+    result = fit(job, ray.data.from_items(train_rows), storage_path=run_dir.path("models"), name=ckpt_name,
+                 storage_filesystem=run_dir.fs)
+    train_seconds = time.perf_counter() - train_started
+    if result.checkpoint is None:
+        raise RuntimeError(f"sft: training ended without a checkpoint ({result.error})")
+    publish_checkpoint(result.checkpoint, run_dir, *output)
+    run_dir.write_json({"prompt": cfg.prompt.model_dump(mode="json"), "eos_token": cfg.eos_token},
+                       *output, RERANK_SETTINGS)
+    state = read_trainer_state(run_dir, *output)
+    metrics = result.metrics or {}
+    mean_tokens = float(np.mean([len(row["input_ids"]) for row in train_rows]))
+    history = read_train_log(run_dir, *output)
+    evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
+    report = {
+        "model_dir": run_dir.path(*output), "source": cfg.source, "init_model": init, **counts,
+        "train_examples": len(train_rows), "eval_examples": len(eval_rows), "steps": state["step"],
+        "resumed_from_step": state.get("resumed_from_step"), "first_loss": history[0]["loss"] if history else None,
+        "final_loss": metrics.get("loss"), "first_eval_loss": evals[0] if evals else None,
+        "final_eval_loss": evals[-1] if evals else None, "tokens_per_s": metrics.get("tokens_per_s"),
+        # tokens/s is measured after start-up (train_utils); an example averages `mean_tokens` non-pad tokens
+        "samples_per_s": metrics["tokens_per_s"] / mean_tokens if metrics.get("tokens_per_s") else None,
+        "parameters": count_parameters(run_dir, *output), "seconds_train": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1), "config": fingerprint,
+    }
+    run_dir.write_json(report, *output, REPORT)
+    return report
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(SftConfig, __doc__, argv)
+    report = run(cfg)
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}))
+
+
+if __name__ == "__main__":
+    main()

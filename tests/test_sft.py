@@ -1,0 +1,172 @@
+"""SFT of the re-ranker: examples and their loss mask, and the stage on Ray Train + DeepSpeed (ZeRO-2 and ZeRO-3).
+
+The stage tests train on synthetic accepted traces (candidate lists from tests/prerank_candidates.py, answers
+written with rec.rerank.format_answer, target first): the traces-file contract, without running a teacher.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from beam_fixtures import make_prerank_run_dir
+from prerank_candidates import write_candidates
+from safetensors.torch import load_file
+
+from pipelines.common import REPO_ROOT, init_ray, setup_env
+from pipelines.sft import SftConfig, run
+from pipelines.train_utils import read_train_log, read_trainer_state
+from rec.config import ConfigError, load_config
+from rec.rerank import PromptBuilder, RerankPromptSection, catalogue, format_answer, parse_answer
+from rec.sft_data import IGNORE_INDEX, answer_segments, build_example, collate, weighted_lm_loss
+
+TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "sft.yaml"
+SMALL_PROMPT = ["prompt.history_token_budget=40", "prompt.max_title_chars=16"]
+
+
+def _config(run_dir, *overrides: str) -> SftConfig:
+    return load_config(SftConfig, TINY_YAML, [
+        f"run_dir={run_dir}", *SMALL_PROMPT, "max_len=1024", "train.batch_size=2", "train.lr=0.003",
+        "train.warmup_steps=1", "train.log_every_steps=1", "train.shuffle_buffer_rows=0", "eval_every_steps=2",
+        "eval_fraction=0.2", *overrides,
+    ])
+
+
+def write_traces(run_dir, rows: int = 24, source: str = "reject") -> pa.Table:
+    """Accepted traces whose answers rank the target first, the rest in list order."""
+    candidates = write_candidates(run_dir, rows=rows, seed=1)
+    sid_of, _ = catalogue(run_dir)
+    completions = []
+    for target, listed in zip(candidates.column("target").to_pylist(), candidates.column("candidates").to_pylist()):
+        ranking = [target] + [i for i in listed if i != target]
+        completions.append(format_answer(f"bought {len(listed)} things", [sid_of[i] for i in ranking]))
+    table = candidates.append_column("completion", pa.array(completions)).append_column(
+        "accepted", pa.array([True] * (rows - 2) + [False] * 2))
+    run_dir.write_parquet(table, "traces", f"{source}.parquet")
+    return table
+
+
+@pytest.fixture(scope="module")
+def sft_run_dir(tmp_path_factory):
+    run_dir = make_prerank_run_dir(tmp_path_factory.mktemp("sft") / "run", max_users=40)
+    write_traces(run_dir)
+    return run_dir
+
+
+def test_answer_segments_split_reasoning_from_the_ranking():
+    text = '<think>why</think>{"explanation": "a \\"quoted\\" b", "recommendations": ["x"]}'
+    segments = answer_segments(text)
+    assert "".join(piece for piece, _ in segments) == text
+    assert [piece for piece, reasoning in segments if reasoning] == ["why", 'a \\"quoted\\" b']
+
+
+def test_loss_mask_covers_exactly_the_assistant_turn(sft_run_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_run_dir.local_path("models", "midtrain"))
+    builder = PromptBuilder(tokenizer, *catalogue(sft_run_dir), RerankPromptSection(history_token_budget=40))
+    traces = sft_run_dir.read_parquet("traces", "reject.parquet").to_pylist()[0]
+    text, prompt_ids = builder.prompt(traces["history"], traces["candidates"])
+    assert "actually bought" not in text  # the student's prompt never names the target
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    example = build_example(tokenizer, prompt_ids, traces["completion"], eos, 0.5, 1.0)
+    labelled = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
+    assert labelled == list(range(len(prompt_ids), len(example.input_ids)))
+    answer = tokenizer.decode([example.input_ids[i] for i in labelled], skip_special_tokens=False)
+    assert answer == traces["completion"] + "<|im_end|>"
+    weights = np.array(example.weights)
+    assert (weights[: len(prompt_ids)] == 0).all() and set(weights[len(prompt_ids):]) == {0.5, 1.0}
+    reasoning = [example.input_ids[i] for i in labelled if example.weights[i] == 0.5]
+    assert tokenizer.decode(reasoning) == "bought 10 things"
+    assert parse_answer(traces["completion"], builder.candidate_sids(traces["candidates"])).ranking[0] == \
+        traces["candidates"].index(traces["target"])
+
+
+def test_weighted_loss_with_unit_weights_is_the_usual_causal_lm_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5], [IGNORE_INDEX, 1, 2, IGNORE_INDEX, IGNORE_INDEX]])
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
+                                                 ignore_index=IGNORE_INDEX)
+    assert torch.isclose(weighted_lm_loss(logits, labels, torch.ones(2, 5)), expected)
+    half = weighted_lm_loss(logits, labels, torch.full((2, 5), 0.5))
+    assert torch.isclose(half, expected / 2)
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "weights": [0, 1, 1]},
+                     {"input_ids": [4], "labels": [4], "weights": [1]}], pad_id=0)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and batch["labels"][1].tolist() == [4, -100, -100]
+
+
+def test_config_keeps_reasoning_weighted_below_the_ranking():
+    with pytest.raises(ConfigError, match="lambda_reasoning"):
+        _config("x", "lambda_reasoning=2.0")
+    assert _config("x", "source=target").output_name == "sft_target"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    setup_env()
+    init_ray(num_cpus=3)
+    yield
+    ray.shutdown()
+
+
+def _train_and_check(run_dir, zero_stage: int) -> dict:
+    output = f"sft_zero{zero_stage}"
+    report = run(_config(run_dir.root, f"train.zero_stage={zero_stage}", "train.max_steps=6", f"output={output}"))
+    assert report["examples"] == 22 and report["steps"] == 6  # the 2 rejected rows are not trained on
+    history = read_train_log(run_dir, "models", output)
+    assert history[-1]["loss"] < history[0]["loss"], [r["loss"] for r in history]
+    assert report["final_eval_loss"] is not None
+    before = load_file(os.path.join(run_dir.local_path("models", "midtrain"), "model.safetensors"))
+    after = load_file(os.path.join(run_dir.local_path("models", output), "model.safetensors"))
+    assert before.keys() == after.keys()
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"parameters not updated: {unchanged}"
+    assert run_dir.read_json("models", output, "gr2_rerank.json")["prompt"]["history_token_budget"] == 40
+    return report
+
+
+def test_sft_zero3_two_workers_trains_every_parameter(sft_run_dir, ray_cluster):
+    _train_and_check(sft_run_dir, zero_stage=3)
+
+
+@pytest.mark.slow
+def test_sft_zero2_two_workers_trains_every_parameter_and_skips_when_done(sft_run_dir, ray_cluster):
+    report = _train_and_check(sft_run_dir, zero_stage=2)
+    again = run(_config(sft_run_dir.root, "train.zero_stage=2", "train.max_steps=6", "output=sft_zero2"))
+    assert again["seconds"] == report["seconds"]  # the finished report is returned, nothing retrained
+
+
+@pytest.mark.slow
+def test_a_killed_sft_run_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL the stage (driver, its local Ray, the workers) once a checkpoint is registered; rerun."""
+    run_dir = make_prerank_run_dir(tmp_path / "run", max_users=40)
+    write_traces(run_dir)
+    overrides = [f"run_dir={run_dir.root}", *SMALL_PROMPT, "max_len=1024", "train.batch_size=2",
+                 "train.checkpoint_every_steps=2", "train.log_every_steps=1"]
+    command = [sys.executable, "-m", "pipelines.sft", "--config", str(TINY_YAML), *overrides]
+    stage = subprocess.Popen([*command, "train.max_steps=1000"], cwd=REPO_ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    snapshot = tmp_path / "run" / "models" / "sft_reject_ckpt" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    try:
+        while not (snapshot.exists() and "checkpoint_step_" in snapshot.read_text()):
+            assert stage.poll() is None, "the stage exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(stage.pid, signal.SIGKILL)
+        stage.wait()
+    done = subprocess.run([*command, "train.max_steps=8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = read_trainer_state(run_dir, "models", "sft_reject")
+    assert state["step"] == 8 and state["resumed_from_step"] >= 2 and state["resumed_from_step"] % 2 == 0
