@@ -1,0 +1,180 @@
+"""RL for the re-ranker: verifiable ranking rewards and the DAPO policy loss (pure functions, no Ray/vLLM).
+
+Rewards (GR2): with `pre` the target's 0-based position in the incoming (pre-rank) list, `post` its position in
+the model's final ranking (an unparseable answer falls back to the incoming order, so post = pre) and `n` the list
+length,
+
+    R_rank = (pre - post) / n,        R_fmt = 1 if the answer parsed into a permutation else 0,
+
+and the **conditional** reward adds `alpha * R_fmt` only when the ranking improved (R_rank > 0) or the target was
+first and stayed first; otherwise R = R_rank. The plain sum (`unconditional`) is kept for the ablation: it pays a
+model for copying the incoming order, which is the reward hacking the paper reports.
+
+>>> conditional_reward(pre=3, post=0, n=10, valid=True, alpha=0.1)   # improved: rank gain + format bonus
+0.4
+>>> conditional_reward(pre=3, post=3, n=10, valid=True, alpha=0.1)   # copied the input order: no bonus
+0.0
+>>> unconditional_reward(pre=3, post=3, n=10, valid=True, alpha=0.1)  # ... which the plain sum rewards
+0.1
+>>> conditional_reward(pre=0, post=0, n=10, valid=True, alpha=0.1)
+0.1
+
+DAPO (Yu et al. 2025): group-normalised advantages over the G samples of a prompt, clip-higher (separate
+`eps_low` / `eps_high`), a token-level loss averaged over every answer token in the batch, no KL term by default,
+soft overlong shaping, and dynamic sampling (groups whose rewards are all equal carry no signal and are dropped;
+generation continues until the batch is full or `max_gen_batches` is reached).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+def rank_reward(pre: int, post: int, n: int) -> float:
+    """(pre - post) / n: positive when the re-ranker moved the target up."""
+    if n <= 0:
+        raise ValueError(f"list length must be > 0, got {n}")
+    return (pre - post) / n
+
+
+def format_reward(valid: bool) -> float:
+    return 1.0 if valid else 0.0
+
+
+def conditional_reward(pre: int, post: int, n: int, valid: bool, alpha: float) -> float:
+    """R_rank + alpha * R_fmt only when the ranking improved or kept the target first; else R_rank."""
+    r_rank = rank_reward(pre, post, n)
+    if r_rank > 0 or (pre == 0 and post == 0):
+        return round(r_rank + alpha * format_reward(valid), 12)
+    return r_rank
+
+
+def unconditional_reward(pre: int, post: int, n: int, valid: bool, alpha: float) -> float:
+    """R_rank + alpha * R_fmt always (the ablation that invites copying the input order)."""
+    return round(rank_reward(pre, post, n) + alpha * format_reward(valid), 12)
+
+
+REWARDS: dict[str, Callable[[int, int, int, bool, float], float]] = {
+    "conditional": conditional_reward,
+    "unconditional": unconditional_reward,
+}
+
+
+def reward_fn(name: str) -> Callable[[int, int, int, bool, float], float]:
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}") from None
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_length - buffer, then a linear ramp to -factor at max_length.
+
+    >>> [overlong_penalty(n, 100, 20) for n in (80, 90, 100, 120)]
+    [0.0, -0.5, -1.0, -1.0]
+    """
+    if buffer <= 0 or length <= max_length - buffer:
+        return 0.0
+    return -factor * min(1.0, (length - (max_length - buffer)) / buffer)
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[groups, G] rewards -> advantages normalised within each group (mean 0, unit std; 0 where all equal).
+
+    >>> [[round(a, 4) for a in row] for row in group_advantages(torch.tensor([[1.0, 0.0], [0.5, 0.5]])).tolist()]
+    [[0.7071, -0.7071], [0.0, 0.0]]
+    """
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True, unbiased=True)
+    return (rewards - mean) / (std.nan_to_num(0.0) + eps)
+
+
+def informative_groups(rewards: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
+    """[groups] bool: groups whose rewards are not all equal (dynamic sampling keeps only these)."""
+    return (rewards.max(dim=1).values - rewards.min(dim=1).values) > tol
+
+
+@dataclass
+class DapoLossConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.0
+
+
+def dapo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: DapoLossConfig = DapoLossConfig(),
+    ref_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss over answer tokens, averaged over all answer tokens of the batch.
+
+    logprobs / old_logprobs / ref_logprobs / mask: [sequences, tokens]; advantages: [sequences] (one per sample,
+    shared by its tokens). Returns (loss, stats: clip fractions, mean ratio, approximate KL to the old policy).
+    """
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    advantage = advantages[:, None].to(logprobs.dtype)
+    unclipped = ratio * advantage
+    clipped = torch.clamp(ratio, 1 - config.eps_low, 1 + config.eps_high) * advantage
+    per_token = -torch.minimum(unclipped, clipped)
+    if config.kl_coef and ref_logprobs is not None:
+        log_ratio = ref_logprobs - logprobs
+        per_token = per_token + config.kl_coef * (torch.exp(log_ratio) - log_ratio - 1)  # k3 estimator
+    tokens = mask.sum().clamp(min=1)
+    loss = (per_token * mask).sum() / tokens
+    with torch.no_grad():
+        low = ((ratio < 1 - config.eps_low) & (advantage < 0)).to(mask.dtype)
+        high = ((ratio > 1 + config.eps_high) & (advantage > 0)).to(mask.dtype)
+        stats = {
+            "clip_fraction": float(((low + high) * mask).sum() / tokens),
+            "clip_high_fraction": float((high * mask).sum() / tokens),
+            "ratio_mean": float((ratio * mask).sum() / tokens),
+            "approx_kl": float(((old_logprobs - logprobs) * mask).sum() / tokens),
+        }
+    return loss, stats
+
+
+class DynamicSamplingError(RuntimeError):
+    """Generation batches ran out before enough informative groups were found."""
+
+
+@dataclass
+class DynamicBatch:
+    """Collects informative groups (rewards not all equal) from successive generation batches.
+
+    `add` takes one generation batch; `full` says when `target_groups` are collected. After `max_gen_batches`
+    batches without filling up, `add` raises with what to change.
+    """
+
+    target_groups: int
+    max_gen_batches: int
+    groups: list = field(default_factory=list)
+    generated_batches: int = 0
+    seen_groups: int = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.groups) >= self.target_groups
+
+    def add(self, groups: Sequence, rewards: torch.Tensor) -> None:
+        self.generated_batches += 1
+        self.seen_groups += len(groups)
+        keep = informative_groups(rewards)
+        self.groups += [g for g, k in zip(groups, keep.tolist()) if k]
+        if not self.full and self.generated_batches >= self.max_gen_batches:
+            raise DynamicSamplingError(
+                f"dynamic sampling: {len(self.groups)} of {self.target_groups} groups with differing rewards after "
+                f"{self.generated_batches} generation batches ({self.seen_groups} groups seen; the others had equal "
+                "rewards for every sample). Raise rl.max_gen_batches or samples_per_prompt, raise the sampling "
+                "temperature, or lower rl.prompts_per_step."
+            )
+
+    @property
+    def kept_fraction(self) -> float:
+        return len(self.groups) / self.seen_groups if self.seen_groups else 0.0
