@@ -246,6 +246,15 @@ def _restore(engine, job: TrainJob, world_size: int) -> tuple[dict[str, Any], li
     return state, history
 
 
+def _peak_memory_mb(use_gpu: bool) -> float:
+    """This worker's peak memory so far: CUDA allocations on GPU, the process's peak resident set on CPU."""
+    if use_gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _eval_loss(engine, job: TrainJob, rank: int, world_size: int, device) -> float | None:
     """Mean loss over the held-out rows. Every rank takes the same number of rows (ZeRO-3 gathers parameters
     collectively, so all ranks must run the same forwards), and the sums are all-reduced."""
@@ -345,6 +354,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 dist.all_reduce(totals)
                 elapsed = time.perf_counter() - window_start
                 state["tokens"] += int(totals[2])
+                peak = torch.tensor([_peak_memory_mb(train.use_gpu)], dtype=torch.float64)
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 record = {
                     "step": step,
                     "epoch": state["epoch"] + seen / max(1, job.steps_per_epoch * train.grad_accum_steps),
@@ -352,6 +363,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     "lr": engine.get_lr()[0],
                     "tokens_per_s": float(totals[2]) / max(elapsed, 1e-9),
                     "tokens": state["tokens"],
+                    "peak_memory_mb": float(peak[0]),
                 }
                 if job.eval_every_steps and (step % job.eval_every_steps == 0 or last):
                     record["eval_loss"] = _eval_loss(engine, job, rank, world_size, device)
