@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 from midtrain_fixtures import make_run_dir
+from stage_process import kill_when
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipelines.common import REPO_ROOT, StageOutputsMismatch, init_ray, setup_env
@@ -141,21 +140,12 @@ def test_a_killed_run_resumes_from_its_first_checkpoint(tmp_path):
                                           "data.seq_len": 128, "train.batch_size": 4, "train.log_every_steps": 2,
                                           "train.checkpoint_every_steps": 3}.items()]
     command = [sys.executable, "-m", "pipelines.midtrain", "--config", str(TINY_YAML), *overrides]
-    stage = subprocess.Popen(
-        [*command, "train.max_steps=1000"], cwd=REPO_ROOT, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     snapshot = tmp_path / "run" / "models" / "midtrain_ckpt" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 300
-    try:
-        # wait on the condition itself: Ray Train has registered a checkpoint in storage
-        while not (snapshot.exists() and "checkpoint_step_" in snapshot.read_text()):
-            assert stage.poll() is None, "the stage exited before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.5)
-    finally:
-        os.killpg(stage.pid, signal.SIGKILL)
-        stage.wait()
+
+    def registered() -> bool:  # Ray Train has registered a checkpoint in storage
+        return snapshot.exists() and "checkpoint_step_" in snapshot.read_text()
+
+    kill_when([*command, "train.max_steps=1000"], registered, "a first checkpoint", tmp_path / "first-run.log")
     assert not (tmp_path / "run" / "models" / "midtrain").exists()
     done = subprocess.run([*command, "train.max_steps=12"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

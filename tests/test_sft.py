@@ -7,10 +7,8 @@ written with rec.rerank.format_answer, target first): the traces-file contract, 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +16,7 @@ import pytest
 import torch
 from beam_fixtures import make_prerank_run_dir
 from prerank_candidates import write_candidates
+from stage_process import kill_when
 from safetensors.torch import load_file
 
 from pipelines.common import REPO_ROOT, init_ray, setup_env
@@ -154,18 +153,12 @@ def test_a_killed_sft_run_resumes_from_its_checkpoint(tmp_path):
     overrides = [f"run_dir={run_dir.root}", *SMALL_PROMPT, "max_len=1024", "train.batch_size=2",
                  "train.checkpoint_every_steps=2", "train.log_every_steps=1"]
     command = [sys.executable, "-m", "pipelines.sft", "--config", str(TINY_YAML), *overrides]
-    stage = subprocess.Popen([*command, "train.max_steps=1000"], cwd=REPO_ROOT, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     snapshot = tmp_path / "run" / "models" / "sft_reject_ckpt" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 300
-    try:
-        while not (snapshot.exists() and "checkpoint_step_" in snapshot.read_text()):
-            assert stage.poll() is None, "the stage exited before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.5)
-    finally:
-        os.killpg(stage.pid, signal.SIGKILL)
-        stage.wait()
+
+    def registered() -> bool:  # Ray Train has registered a checkpoint in storage
+        return snapshot.exists() and "checkpoint_step_" in snapshot.read_text()
+
+    kill_when([*command, "train.max_steps=1000"], registered, "a first checkpoint", tmp_path / "first-run.log")
     done = subprocess.run([*command, "train.max_steps=8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     state = read_trainer_state(run_dir, "models", "sft_reject")

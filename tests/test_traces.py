@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from beam_fixtures import make_prerank_run_dir
 from pipelines.common import REPO_ROOT, StageOutputsMismatch
 from pipelines.traces import ROWS_SCHEMA, RowState, TeacherBatch, TracesConfig, compute_stats, eligible_rows, run
 from prerank_candidates import write_candidates
+from stage_process import kill_when
 from rec.config import ConfigError, load_config
 from rec.rerank import ParseResult
 
@@ -122,20 +120,9 @@ def test_killed_run_resumes_without_regenerating_or_duplicating_rows(traces_run_
                  "num_cpus=2", "samples_per_round=2", "max_attempts=4"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # Ray sockets need the short default cache path
     command = [sys.executable, "-m", "pipelines.traces", "--config", str(TINY_YAML), *overrides]
-    log_path = tmp_path / "first-run.log"
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True,
-                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     parts_dir = Path(run_dir.local_path("traces", "_parts"))
-    deadline = time.monotonic() + 240
-    try:
-        while not list(parts_dir.glob("*/part-*.parquet")):
-            assert process.poll() is None, "the stage ended before writing a part:\n" + log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no part written within 240 s"
-            time.sleep(0.5)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_when(command, lambda: bool(list(parts_dir.glob("*/part-*.parquet"))), "a first flushed part",
+              tmp_path / "first-run.log", timeout=240, env=env)
     assert not run_dir.exists("traces", "reject.parquet")
     import pyarrow.parquet as pq
 
