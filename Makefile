@@ -46,14 +46,19 @@ demo: setup
 	$(PY) -m pipelines.midtrain --config pipelines/configs/$(PRESET)/midtrain.yaml run_dir=$(RUN_DIR)
 	$(PY) -m pipelines.prerank --config pipelines/configs/$(PRESET)/prerank.yaml run_dir=$(RUN_DIR)
 	$(PY) -m pipelines.traces --config pipelines/configs/$(PRESET)/traces.yaml run_dir=$(RUN_DIR)
+	$(PY) -m pipelines.traces --config pipelines/configs/$(PRESET)/traces.yaml run_dir=$(RUN_DIR) mode=target
+	$(PY) -m pipelines.sft --config pipelines/configs/$(PRESET)/sft.yaml run_dir=$(RUN_DIR)
+	$(PY) -m pipelines.sft --config pipelines/configs/$(PRESET)/sft.yaml run_dir=$(RUN_DIR) source=target
+	$(PY) -m pipelines.evaluate --config pipelines/configs/$(PRESET)/evaluate.yaml run_dir=$(RUN_DIR)
 
-# Benchmarks print their tables and write bench/results/*.{json,md}; midtrain_throughput and traces_throughput need
-# `make demo` first.
+# Benchmarks print their tables and write bench/results/*.{json,md}; the midtrain, traces and sft throughput
+# benchmarks need `make demo` first.
 bench: setup
 	$(PY) bench/sid_ablation.py
 	$(PY) bench/beam_search.py --batches 3 --vllm
 	$(PY) bench/midtrain_throughput.py --run-dir $(RUN_DIR)
 	$(PY) bench/traces_throughput.py --run-dir $(RUN_DIR)
+	$(PY) bench/sft_throughput.py --run-dir $(RUN_DIR)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,0 +1,206 @@
+"""The evaluate stage: model entries and paths, per-model prompt settings, metrics of hand-made rankings, the row
+logic with fakes, and the real stage on a local Ray pool of one vLLM engine (resume from parts, skip, refuse)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+from beam_fixtures import make_prerank_run_dir
+
+from pipelines.common import REPO_ROOT, Parts, StageOutputsMismatch
+from pipelines.evaluate import (
+    RESULT_SCHEMA,
+    EvaluateConfig,
+    ModelEntry,
+    fingerprints,
+    model_metrics,
+    rerank_rows,
+    rerank_settings,
+    resolve_model,
+    run,
+    table_digest,
+)
+from prerank_candidates import write_candidates
+from rec.config import ConfigError, load_config
+from rec.io import RunDir
+from rec.rerank import format_answer
+
+TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "evaluate.yaml"
+# the fixture model reads 1024 positions and its 400-token vocabulary spends ~1 token per character
+SMALL_PROMPTS = ["engine.max_model_len=1024", "prompt.history_token_budget=40", "prompt.max_title_chars=16",
+                 "sampling.max_tokens=64"]
+METRIC_KEYS = {"recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5", "ndcg@10", "mrr", "invalid_rate",
+               "identity_rate", "invalid_reasons", "mean_generated_tokens", "rows", "target_inserted_rows"}
+
+
+def _config(run_dir, *overrides: str) -> EvaluateConfig:
+    return load_config(EvaluateConfig, TINY_YAML, [f"run_dir={run_dir}", *overrides])
+
+
+def test_tiny_config_and_model_entries_are_checked():
+    cfg = _config("x")
+    assert [m.name for m in cfg.models] == ["prerank", "sft_target", "sft_reject"] and cfg.models[0].is_prerank
+    assert cfg.sampling.temperature == 0 and not cfg.sampling.constrained
+    assert ModelEntry(name="prerank").is_prerank and not ModelEntry(name="prerank", path="models/x").is_prerank
+    with pytest.raises(ConfigError, match="unique"):
+        _config("x", "models=[{name: a, path: prerank}, {name: a, path: models/a}]")
+    with pytest.raises(ConfigError, match="'sft' has no path"):
+        _config("x", "models=[{name: sft}]")
+    with pytest.raises(ConfigError, match="models.0.name"):
+        _config("x", "models=[{name: ../x, path: prerank}]")  # names become file names
+
+
+def test_model_paths_resolve_under_the_run_dir_and_a_missing_one_names_its_stage(tmp_path):
+    run_dir = RunDir.open(str(tmp_path / "run"))
+    (tmp_path / "run" / "models" / "sft_reject").mkdir(parents=True)
+    (tmp_path / "run" / "models" / "sft_reject" / "config.json").write_text("{}")
+    assert resolve_model(run_dir, ModelEntry(name="prerank")) is None
+    assert resolve_model(run_dir, ModelEntry(name="p", path="prerank")) is None
+    expected = str(tmp_path / "run" / "models" / "sft_reject")
+    assert resolve_model(run_dir, ModelEntry(name="r", path="models/sft_reject")) == expected
+    assert resolve_model(run_dir, ModelEntry(name="r", path=expected)) == expected
+    assert resolve_model(run_dir, ModelEntry(name="r", path="models/sft_reject"), str(tmp_path / "run")) == expected
+    with pytest.raises(FileNotFoundError, match=r"model 'sft_target': no checkpoint at .*models/sft_target.*the sft stage"):
+        resolve_model(run_dir, ModelEntry(name="sft_target", path="models/sft_target"))
+    with pytest.raises(FileNotFoundError, match="the rl stage"):
+        resolve_model(run_dir, ModelEntry(name="rl", path="/nowhere/models/rl"))
+    remote = RunDir(pafs._MockFileSystem(), "bucket/run")  # an object store: relative paths need model_root
+    with pytest.raises(ConfigError, match="model_root"):
+        resolve_model(remote, ModelEntry(name="r", path="models/sft_reject"))
+    assert resolve_model(remote, ModelEntry(name="r", path="models/sft_reject"), str(tmp_path / "run")) == expected
+
+
+def test_a_model_is_prompted_with_the_settings_in_its_gr2_rerank_json(tmp_path):
+    cfg = _config("x")
+    model = tmp_path / "sft"
+    model.mkdir()
+    assert rerank_settings(str(model), cfg) == (cfg.prompt, "<|im_end|>")  # no file: the config's section
+    trained = {"history_token_budget": 123, "max_title_chars": 33, "priming": "Beauty.", "chat_template_kwargs": {}}
+    (model / "gr2_rerank.json").write_text(json.dumps({"prompt": trained, "eos_token": "<|endoftext|>"}))
+    prompt, eos = rerank_settings(str(model), cfg)
+    assert prompt.model_dump() == trained and eos == "<|endoftext|>"
+    entry = ModelEntry(name="sft", path=str(model))
+    fp, parts_fp = fingerprints(cfg, entry, str(model), prompt, eos, "digest")
+    assert fp["prompt"]["history_token_budget"] == 123 and fp["eos_token"] == "<|endoftext|>"
+    assert "max_rows" in fp and "max_rows" not in parts_fp
+    (model / "gr2_rerank.json").write_text(json.dumps({"prompt": {"history_token_budgt": 1}}))
+    with pytest.raises(ConfigError, match=r"gr2_rerank.json: not valid re-rank settings: prompt.history_token_budgt: Extra inputs"):
+        rerank_settings(str(model), cfg)
+
+
+def _rows(rankings, valid, reasons, targets, candidates, tokens, inserted) -> pa.Table:
+    return pa.table({"target": targets, "candidates": candidates, "ranking": rankings, "valid": valid,
+                     "reason": reasons, "generated_tokens": tokens, "target_inserted": inserted})
+
+
+def test_metrics_of_hand_made_rankings_count_fallbacks_as_invalid_not_identity():
+    table = _rows(
+        rankings=[[1, 3, 2], [4, 5, 6], [7, 8, 9], [10, 11, 12]],
+        valid=[True, True, False, False],
+        reasons=[None, None, "truncated", "prompt_too_long"],
+        targets=[1, 6, 8, 10],
+        candidates=[[3, 1, 2], [4, 5, 6], [7, 8, 9], [10, 11, 12]],  # rows 2-4: the final ranking is the incoming one
+        tokens=[10, 20, 30, 0],
+        inserted=[False, True, False, False],
+    )
+    m = model_metrics(table)
+    assert METRIC_KEYS == set(m)
+    assert m["recall@1"] == 0.5 and m["recall@3"] == 1.0 and m["recall@5"] == 1.0
+    assert math.isclose(m["ndcg@3"], (1 + 1 / math.log2(4) + 1 / math.log2(3) + 1) / 4)
+    assert math.isclose(m["mrr"], (1 + 1 / 3 + 1 / 2 + 1) / 4)
+    assert m["identity_rate"] == 0.25  # row 2 only: rows 3 and 4 end in the incoming order by fallback
+    assert m["invalid_rate"] == 0.5 and m["invalid_reasons"] == {"prompt_too_long": 1, "truncated": 1}
+    assert m["mean_generated_tokens"] == 15.0 and m["rows"] == 4 and m["target_inserted_rows"] == 1
+
+
+class FakePrompts:
+    """Prompt ids of 100 tokens per history item; SIDs `<n>`."""
+
+    def prompt(self, history, candidates):
+        return "prompt", [0] * (100 * len(history))
+
+    def candidate_sids(self, candidates):
+        return [f"<{i}>" for i in candidates]
+
+    def candidate_token_ids(self, candidates):
+        return [[i] for i in candidates]
+
+
+class FakeGenerator:
+    def __init__(self, answers: list[str]):
+        self.answers, self.requests = answers, []
+
+    def max_tokens(self, candidate_token_ids):
+        return 64
+
+    def generate(self, prompts, candidate_token_ids, samples):
+        self.requests.append(len(prompts))
+        assert list(samples) == [1] * len(prompts)
+        return [[(self.answers.pop(0), 9)] for _ in prompts]
+
+
+def test_rows_parse_answers_fall_back_on_invalid_ones_and_skip_prompts_that_do_not_fit():
+    batch = pa.table({"row_id": [0, 1, 2, 3], "history": [[1], [1], [1] * 20, [1]],
+                      "candidates": [[7, 8, 9], [7, 8, 9], [7, 8, 9], [7, 8, 9]], "target": [8, 8, 8, 8]})
+    generator = FakeGenerator([format_answer("why", ["<8>", "<9>", "<7>"]), "no json at all",
+                               format_answer("same", ["<7>", "<8>", "<9>"])])
+    out = rerank_rows(FakePrompts(), generator, 1024, batch)
+    assert out.schema == RESULT_SCHEMA and generator.requests == [3]  # row 2 (2000 + 64 tokens) is never sent
+    rows = out.to_pylist()
+    assert [r["ranking"] for r in rows] == [[8, 9, 7], [7, 8, 9], [7, 8, 9], [7, 8, 9]]
+    assert [r["valid"] for r in rows] == [True, False, False, True]
+    assert [r["reason"] for r in rows] == [None, "no_answer", "prompt_too_long", None]
+    assert [r["generated_tokens"] for r in rows] == [9, 9, 0, 9]
+    assert rows[1]["completion"] == "no json at all" and rows[2]["completion"] is None
+
+
+def test_stage_on_a_real_ray_pool_resumes_skips_and_refuses_another_config(tmp_path):
+    """The pre-rank order and a random tiny model (which never learned the answer format) on 12 test rows: one real
+    vLLM engine in a Ray Data actor pool; two rows of the model were finished by an earlier run."""
+    import ray
+
+    run_dir = make_prerank_run_dir(tmp_path / "run", max_users=40)
+    write_candidates(run_dir, rows=12, split="test")
+    overrides = [*SMALL_PROMPTS, "models=[{name: prerank}, {name: random, path: models/midtrain}]",
+                 "insert_missing_target=false", "max_rows=null", "actors=1", "num_cpus=2", "batch_size=4",
+                 "flush_rows=4"]
+    cfg = _config(run_dir.root, *overrides)
+    model = run_dir.local_path("models", "midtrain")
+    _, parts_fp = fingerprints(cfg, cfg.models[1], model, cfg.prompt, cfg.eos_token,
+                               table_digest(run_dir.read_parquet("candidates", "test.parquet")))
+    earlier = pa.table({"row_id": [0, 1], "ranking": [[-1], [-2]], "valid": [False, False],
+                        "reason": ["bad_json", "bad_json"], "generated_tokens": [5, 5],
+                        "completion": ["earlier", "earlier"]}, schema=RESULT_SCHEMA)
+    Parts(run_dir, "eval", "random", parts_fp).write(earlier)
+    try:
+        result = run(cfg)
+    finally:
+        ray.shutdown()
+    metrics = json.loads(Path(run_dir.local_path("eval", "metrics.json")).read_text())
+    assert metrics == result["metrics"] and list(metrics) == ["prerank", "random"]
+    assert all(METRIC_KEYS == set(m) for m in metrics.values())
+    prerank, random = metrics["prerank"], metrics["random"]
+    assert (prerank["identity_rate"], prerank["invalid_rate"], prerank["mean_generated_tokens"]) == (1.0, 0.0, 0.0)
+    assert prerank["rows"] == random["rows"] == 12 and random["target_inserted_rows"] == 0
+    assert random["invalid_rate"] >= 0.75 and sum(random["invalid_reasons"].values()) == round(12 * random["invalid_rate"])
+    rows = run_dir.read_parquet("eval", "rows_random.parquet").to_pylist()
+    assert [r["completion"] for r in rows[:2]] == ["earlier", "earlier"]  # kept, not regenerated
+    for row in rows[2:]:
+        assert 0 < row["generated_tokens"] <= 64
+        if not row["valid"]:
+            assert row["ranking"] == row["candidates"] and row["reason"]  # the pre-rank order, with the reason
+    table = Path(run_dir.local_path("eval", "table.md")).read_text()
+    assert "| prerank | " in table and "| random | " in table and "target inserted into 0 of 12 lists" in table
+    assert Path(run_dir.local_path("eval", "metrics.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not run_dir.exists("eval", "_parts")
+    written = Path(run_dir.local_path("eval", "rows_random.parquet")).stat().st_mtime_ns
+    again = run(cfg)  # finished: no engine starts, the rows files stay as they are
+    assert again["skipped"] == ["prerank", "random"] and again["metrics"] == metrics
+    assert Path(run_dir.local_path("eval", "rows_random.parquet")).stat().st_mtime_ns == written
+    with pytest.raises(StageOutputsMismatch, match="rows_random.parquet .*fields differ: sampling"):
+        run(_config(run_dir.root, *overrides, "sampling.max_tokens=32"))
