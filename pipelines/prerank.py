@@ -269,6 +269,12 @@ def splits_to_do(run_dir: RunDir, fingerprints: dict[str, dict], overwrite: bool
             todo.append(split)
         elif previous == fingerprints[split]:
             log.info("prerank: candidates/%s.parquet already written with this config; skipping", split)
+        elif {k: v for k, v in previous.items() if k != "max_users"} == {
+                k: v for k, v in fingerprints[split].items() if k != "max_users"}:
+            # only the slice of users changed: redo this split, keep the others
+            log.info("prerank: candidates/%s.parquet was written for max_users=%s; redoing it for %s", split,
+                     previous.get("max_users"), fingerprints[split]["max_users"])
+            todo.append(split)
         else:
             path = run_dir.path("candidates", f"{split}.parquet")
             raise config_mismatch("prerank", path, previous, fingerprints[split])

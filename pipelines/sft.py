@@ -124,6 +124,9 @@ def split_eval(examples: list[dict], cfg: SftConfig) -> tuple[list[dict], list[d
     """(train, held-out): a seeded share of the rows, at most eval_max_rows."""
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
     held = min(int(len(examples) * cfg.eval_fraction), cfg.eval_max_rows)
+    workers = cfg.train.num_workers
+    if cfg.eval_fraction > 0 and held < workers and len(examples) >= 4 * workers:
+        held = workers  # every worker evaluates the same number of rows: fewer than one each would evaluate none
     held_out = set(order[:held].tolist())
     return ([e for i, e in enumerate(examples) if i not in held_out],
             [e for i, e in enumerate(examples) if i in held_out])

@@ -146,3 +146,20 @@ def test_actor_with_the_hf_back_end_builds_prompts_and_excludes_history(prerank_
     for row, history in zip(out, batch.column("history").to_pylist()):
         assert len(row["candidates"]) == 5 == len(set(row["candidates"])) and set(row["candidates"]) <= catalogue
         assert not set(row["candidates"]) & set(history)
+
+
+def test_a_new_user_slice_redoes_only_that_split(tmp_path):
+    import json
+
+    from pipelines.prerank import META_KEY, splits_to_do
+    from rec.io import RunDir
+
+    run_dir = RunDir.open(str(tmp_path))
+    done = {"num_beams": 20, "max_users": 0}
+    for split in ("train", "valid", "test"):
+        table = CANDIDATES_SCHEMA.empty_table().replace_schema_metadata({META_KEY: json.dumps(done).encode()})
+        run_dir.write_parquet(table, "candidates", f"{split}.parquet")
+    wanted = {"train": {"num_beams": 20, "max_users": 6000}, "valid": dict(done), "test": dict(done)}
+    assert splits_to_do(run_dir, wanted, overwrite=False) == ["train"]
+    with pytest.raises(StageOutputsMismatch, match="num_beams"):
+        splits_to_do(run_dir, {**wanted, "test": {"num_beams": 10, "max_users": 0}}, overwrite=False)
