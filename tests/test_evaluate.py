@@ -32,8 +32,9 @@ from rec.rerank import format_answer
 
 TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "evaluate.yaml"
 # the fixture model reads 1024 positions and its 400-token vocabulary spends ~1 token per character
+# unconstrained, so that the random model's answers are mostly invalid and the fallback is exercised
 SMALL_PROMPTS = ["engine.max_model_len=1024", "prompt.history_token_budget=40", "prompt.max_title_chars=16",
-                 "sampling.max_tokens=64"]
+                 "sampling.max_tokens=64", "sampling.constrained=false"]
 METRIC_KEYS = {"recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5", "ndcg@10", "mrr", "invalid_rate",
                "identity_rate", "invalid_reasons", "mean_generated_tokens", "rows", "target_inserted_rows"}
 
@@ -44,8 +45,9 @@ def _config(run_dir, *overrides: str) -> EvaluateConfig:
 
 def test_tiny_config_and_model_entries_are_checked():
     cfg = _config("x")
-    assert [m.name for m in cfg.models] == ["prerank", "sft_target", "sft_reject"] and cfg.models[0].is_prerank
-    assert cfg.sampling.temperature == 0 and not cfg.sampling.constrained
+    assert [m.name for m in cfg.models] == ["prerank", "midtrain", "sft_target", "sft_reject"]
+    assert cfg.models[0].is_prerank and not cfg.models[1].is_prerank
+    assert cfg.sampling.temperature == 0 and cfg.sampling.constrained
     assert ModelEntry(name="prerank").is_prerank and not ModelEntry(name="prerank", path="models/x").is_prerank
     with pytest.raises(ConfigError, match="unique"):
         _config("x", "models=[{name: a, path: prerank}, {name: a, path: models/a}]")
