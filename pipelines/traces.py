@@ -90,6 +90,10 @@ class TracesConfig(EngineActorsConfig):
     """Reject mode: samples per unresolved row and round, in one request (n)."""
     max_attempts: int = Field(default=8, ge=1)
     """Reject mode: samples a row may spend in all before it counts as exhausted."""
+    pin_target_first: bool = False
+    """Target mode only (ignored in reject mode), with constrained answers: the ranking must start with the target,
+    as a teacher told the answer writes it (a tiny teacher does not follow that instruction by itself; the rest of
+    the ranking and the explanation stay its own)."""
     max_rows: int | None = Field(default=None, ge=0)
     """The first N eligible training rows; null takes all."""
     insert_missing_target: bool = False
@@ -100,6 +104,8 @@ class TracesConfig(EngineActorsConfig):
 
     @model_validator(mode="after")
     def _check(self) -> TracesConfig:
+        if self.pin_target_first and not self.sampling.constrained:
+            raise ValueError("pin_target_first needs sampling.constrained=true (the pin is part of the constraint)")
         if self.mode == "reject" and self.samples_per_round > self.max_attempts:
             raise ValueError(f"samples_per_round ({self.samples_per_round}) must be <= max_attempts "
                              f"({self.max_attempts})")
@@ -230,8 +236,12 @@ class TeacherBatch:
         round_number = 0
         while pending:
             round_number += 1
-            outputs = self.generator.generate([r.prompt_ids for r in pending], [r.candidate_token_ids for r in pending],
-                                              [self.cfg.samples_in_round(r.attempts) for r in pending])
+            outputs = self.generator.generate(
+                [r.prompt_ids for r in pending], [r.candidate_token_ids for r in pending],
+                [self.cfg.samples_in_round(r.attempts) for r in pending],
+                first=[r.target_position if self.cfg.pin_target_first and self.cfg.mode == "target" else None
+                       for r in pending],
+            )
             for row, samples in zip(pending, outputs):
                 row.rounds += 1
                 row.request_prompt_tokens += len(row.prompt_ids)

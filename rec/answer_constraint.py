@@ -87,7 +87,9 @@ class RankingConstraint:
     the constraint off for the rest of the sequence, and the parser reports the answer as invalid.
     """
 
-    def __init__(self, fmt: RankingAnswerFormat, candidates: Sequence[Sequence[int]], max_explanation_tokens: int):
+    def __init__(self, fmt: RankingAnswerFormat, candidates: Sequence[Sequence[int]], max_explanation_tokens: int,
+                 first: int | None = None):
+        """`first`: index of a candidate the ranking must start with (a teacher told the answer, target sampling)."""
         if not candidates:
             raise ValueError("a ranking constraint needs candidates")
         if len({tuple(c) for c in candidates}) != len(candidates):
@@ -95,6 +97,7 @@ class RankingConstraint:
         self.fmt = fmt
         self.max_explanation_tokens = max_explanation_tokens
         self.remaining = [tuple(c) for c in candidates]
+        self.first = self.remaining[first] if first is not None else None
         program: list[tuple[str, tuple[int, ...]]] = [("force", fmt.open_ids), ("text", ()), ("force", fmt.middle_ids)]
         for n in range(len(candidates)):
             if n:
@@ -114,7 +117,8 @@ class RankingConstraint:
 
     def _slot_children(self) -> list[int]:
         depth = len(self.partial)
-        return sorted({c[depth] for c in self.remaining if c[:depth] == self.partial})
+        pool = [self.first] if self.first is not None and self.first in self.remaining else self.remaining
+        return sorted({c[depth] for c in pool if c[:depth] == self.partial})
 
     def _allowed_now(self) -> list[int] | torch.Tensor | None:
         if self.broken or self.done:

@@ -163,10 +163,13 @@ RANKING_PROCESSOR = "rec.engines:RankingLogitsProcessor"
 """Pass to `start_llm(..., logits_processors=[RANKING_PROCESSOR])`; requests opt in with `ranking_extra_args`."""
 
 
-def ranking_extra_args(candidate_token_ids: Sequence[Sequence[int]], max_explanation_tokens: int, eos_id: int) -> dict:
-    """`SamplingParams(extra_args=...)` that constrains one request's answer to a ranking of these candidates."""
+def ranking_extra_args(candidate_token_ids: Sequence[Sequence[int]], max_explanation_tokens: int, eos_id: int,
+                       first: int | None = None) -> dict:
+    """`SamplingParams(extra_args=...)` that constrains one request's answer to a ranking of these candidates
+    (starting with candidate `first` when given)."""
     return {RANKING_ARGS: {"candidates": [list(map(int, c)) for c in candidate_token_ids],
-                           "max_explanation_tokens": int(max_explanation_tokens), "eos_id": int(eos_id)}}
+                           "max_explanation_tokens": int(max_explanation_tokens), "eos_id": int(eos_id),
+                           "first": first}}
 
 
 def _ranking_logits_processor_class():
@@ -201,7 +204,8 @@ def _ranking_logits_processor_class():
                 return None
             eos = int(args["eos_id"])
             fmt = self.formats.setdefault(eos, dataclasses.replace(self.base_format, eos_id=eos))
-            constraint = RankingConstraint(fmt, args["candidates"], int(args["max_explanation_tokens"]))
+            constraint = RankingConstraint(fmt, args["candidates"], int(args["max_explanation_tokens"]),
+                                           first=args.get("first"))
             return constraint.apply
 
     RankingLogitsProcessor.__module__ = __name__
@@ -241,27 +245,30 @@ class RerankGenerator:
 
     def generate(
         self, prompts: Sequence[Sequence[int]], candidate_token_ids: Sequence[Sequence[Sequence[int]]],
-        samples: Sequence[int],
+        samples: Sequence[int], first: Sequence[int | None] | None = None,
     ) -> list[list[tuple[str, int]]]:
-        """`samples[i]` answers to prompt i as (text without the eos, generated tokens including it)."""
+        """`samples[i]` answers to prompt i as (text without the eos, generated tokens including it). With the
+        ranking constraint, `first[i]` pins the candidate a ranking must start with."""
+        first = list(first) if first is not None else [None] * len(prompts)
         if self.model is not None:
-            return [self._hf(p, c, n) for p, c, n in zip(prompts, candidate_token_ids, samples)]
+            return [self._hf(p, c, n, f) for p, c, n, f in zip(prompts, candidate_token_ids, samples, first)]
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         s = self.sampling
         params = []
-        for candidates, n in zip(candidate_token_ids, samples):
+        for candidates, n, pinned in zip(candidate_token_ids, samples, first):
             args: dict[str, Any] = {"n": n, "temperature": s.temperature, "top_p": s.top_p,
                                     "max_tokens": self.max_tokens(candidates), "stop_token_ids": [self.eos_id],
                                     "skip_special_tokens": False}
             if self.format is not None:
-                args["extra_args"] = ranking_extra_args(candidates, s.max_explanation_tokens, self.eos_id)
+                args["extra_args"] = ranking_extra_args(candidates, s.max_explanation_tokens, self.eos_id, pinned)
             params.append(SamplingParams(**args))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [[(o.text, len(o.token_ids)) for o in output.outputs] for output in outputs]
 
-    def _hf(self, prompt_ids: Sequence[int], candidates: Sequence[Sequence[int]], n: int) -> list[tuple[str, int]]:
+    def _hf(self, prompt_ids: Sequence[int], candidates: Sequence[Sequence[int]], n: int,
+            first: int | None = None) -> list[tuple[str, int]]:
         import torch
 
         from rec.answer_constraint import HfRankingLogitsProcessor, RankingConstraint
@@ -270,7 +277,8 @@ class RerankGenerator:
         prompt = torch.tensor([list(prompt_ids)], device=self.model.device)
         processors = []
         if self.format is not None:
-            constraints = [RankingConstraint(self.format, candidates, s.max_explanation_tokens) for _ in range(n)]
+            constraints = [RankingConstraint(self.format, candidates, s.max_explanation_tokens, first=first)
+                           for _ in range(n)]
             processors.append(HfRankingLogitsProcessor(constraints, prompt.shape[1]))
         sample = s.temperature > 0
         with torch.no_grad():

@@ -140,3 +140,21 @@ def test_constraint_rejects_a_token_outside_the_allowed_set(tiny):
     constraint = RankingConstraint(fmt, [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS], 4)
     assert constraint.allowed([]) == [fmt.open_ids[0]]
     assert constraint.allowed([fmt.open_ids[0] + 1]) is None and constraint.broken
+
+
+def test_a_pinned_first_candidate_always_leads_the_ranking(tiny):
+    tokenizer, model = tiny
+    fmt = RankingAnswerFormat.from_tokenizer(tokenizer, eos_token="<|im_end|>")
+    candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
+    prompt = tokenizer.apply_chat_template(build_messages([], CANDIDATES), tokenize=False, add_generation_prompt=True)
+    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    constraints = [RankingConstraint(fmt, candidate_ids, max_explanation_tokens=4, first=2) for _ in range(4)]
+    torch.manual_seed(1)
+    out = model.generate(
+        prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=True, top_k=0, num_return_sequences=4,
+        max_new_tokens=fmt.max_tokens(candidate_ids, 4), eos_token_id=fmt.eos_id, pad_token_id=tokenizer.pad_token_id,
+        logits_processor=[HfRankingLogitsProcessor(constraints, prompt_ids.shape[1])],
+    )
+    for row in out[:, prompt_ids.shape[1]:]:
+        result = parse_answer(tokenizer.decode(row, skip_special_tokens=False).split("<|im_end|>")[0], SIDS)
+        assert result.valid and result.ranking[0] == 2

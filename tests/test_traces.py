@@ -146,3 +146,18 @@ def test_killed_run_resumes_without_regenerating_or_duplicating_rows(traces_run_
         run(load_config(TracesConfig, TINY_YAML, [*overrides, "max_attempts=6"]))
     assert set(ROWS_SCHEMA.names) <= set(table.column_names)
     assert np.isclose(stats["acceptance_rate"], np.mean(table.column("accepted").to_pylist()))
+
+
+def test_target_mode_with_the_target_pinned_first_accepts_every_row(traces_run_dir):
+    run_dir = traces_run_dir
+    cfg = _config(run_dir.root, "mode=target", "bind_cores=false")
+    assert cfg.pin_target_first  # the tiny preset pins it
+    rows, _ = eligible_rows(run_dir.read_parquet("candidates", "train.parquet"), cfg)
+    batch = rows.slice(0, 4).select(["row_id", "history", "candidates", "target"])
+    teacher = TeacherBatch(str(run_dir.root), run_dir.local_path("models", "midtrain"), cfg.model_dump(mode="json"))
+    out = teacher(batch).to_pylist()
+    assert all(r["accepted"] and r["attempts"] == 1 for r in out)
+    assert [r["ranking"][0] for r in out] == batch.column("target").to_pylist()
+    assert all("actually bought this next" in r["prompt"] for r in out)
+    with pytest.raises(ConfigError, match="pin_target_first"):
+        _config(run_dir.root, "sampling.constrained=false")
