@@ -34,3 +34,16 @@ def small_dataset(tmp_path: Path) -> Path:
     write_jsonl(folder / "items.jsonl", items)
     write_jsonl(folder / "sequences.jsonl", sequences)
     return folder
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private local Ray (3 logical CPUs: two Ray Train workers + Ray Data) for a module's training tests."""
+    import ray
+
+    from pipelines.common import init_ray, setup_env
+
+    setup_env()
+    init_ray(num_cpus=3)
+    yield
+    ray.shutdown()

@@ -18,7 +18,7 @@ from midtrain_fixtures import make_run_dir
 from stage_process import kill_when
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipelines.common import REPO_ROOT, StageOutputsMismatch, init_ray, setup_env
+from pipelines.common import REPO_ROOT, StageOutputsMismatch
 from pipelines.midtrain import CKPT_NAME, OUTPUT, RESUMABLE_FIELDS, MidtrainConfig, build_student, run
 from pipelines.train_utils import check_previous, read_train_log, read_trainer_state, tokenizer_files
 from rec.config import ConfigError, config_fingerprint, load_config
@@ -47,16 +47,6 @@ def _config(run_dir, *overrides: str) -> MidtrainConfig:
             *overrides,
         ],
     )
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    setup_env()
-    init_ray(num_cpus=3)
-    yield
-    ray.shutdown()
 
 
 def _published(run_dir):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from beam_fixtures import make_prerank_run_dir
 
-from rec.answer_constraint import HfRankingLogitsProcessor, RankingAnswerFormat, RankingConstraint
+from rec.answer_constraint import RankingAnswerFormat, RankingConstraint
+from rec.engines import RerankGenerator
 from rec.model import load_student
 from rec.rerank import (
     BAD_JSON,
@@ -20,6 +21,7 @@ from rec.rerank import (
     TRUNCATED,
     UNKNOWN_SID,
     Item,
+    RerankSamplingSection,
     build_messages,
     escape_text,
     format_answer,
@@ -109,29 +111,26 @@ def test_a_crafted_title_cannot_produce_special_tokens_in_the_prompt(tiny):
     assert think_end not in ids
 
 
-def test_constrained_sampling_always_yields_a_valid_permutation(tiny):
+def constrained_answers(tiny, samples: int, first: int | None = None, seed: int = 0) -> list:
+    """Sampled answers from the shared HF re-rank path (rec.engines.RerankGenerator) under the ranking constraint,
+    parsed."""
     tokenizer, model = tiny
-    fmt = RankingAnswerFormat.from_tokenizer(tokenizer, eos_token="<|im_end|>")
-    candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
+    generator = RerankGenerator(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                RerankSamplingSection(temperature=1.0, constrained=True, max_explanation_tokens=12),
+                                model=model)
     prompt = tokenizer.apply_chat_template(build_messages([], CANDIDATES), tokenize=False, add_generation_prompt=True)
-    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    samples = 6
-    constraints = [RankingConstraint(fmt, candidate_ids, max_explanation_tokens=12) for _ in range(samples)]
-    torch.manual_seed(0)
-    out = model.generate(
-        prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=True, temperature=1.0, top_k=0,
-        num_return_sequences=samples, max_new_tokens=fmt.max_tokens(candidate_ids, 12),
-        logits_processor=[HfRankingLogitsProcessor(constraints, prompt_ids.shape[1])],
-        eos_token_id=fmt.eos_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    rankings = []
-    for row in out[:, prompt_ids.shape[1]:]:
-        text = tokenizer.decode(row, skip_special_tokens=False).split("<|im_end|>")[0]
-        result = parse_answer(text, SIDS)
+    candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
+    torch.manual_seed(seed)
+    (answers,) = generator.generate([tokenizer(prompt, add_special_tokens=False)["input_ids"]], [candidate_ids],
+                                    [samples], first=[first])
+    return [(text, parse_answer(text, SIDS)) for text, _ in answers]
+
+
+def test_constrained_sampling_always_yields_a_valid_permutation(tiny):
+    answers = constrained_answers(tiny, samples=6)
+    for text, result in answers:
         assert result.valid, (result.reason, result.detail, text)
-        rankings.append(tuple(result.ranking))
-    assert not any(c.broken for c in constraints)
-    assert len(set(rankings)) > 1  # sampling still chooses the order
+    assert len({tuple(result.ranking) for _, result in answers}) > 1  # sampling still chooses the order
 
 
 def test_constraint_rejects_a_token_outside_the_allowed_set(tiny):
@@ -143,18 +142,5 @@ def test_constraint_rejects_a_token_outside_the_allowed_set(tiny):
 
 
 def test_a_pinned_first_candidate_always_leads_the_ranking(tiny):
-    tokenizer, model = tiny
-    fmt = RankingAnswerFormat.from_tokenizer(tokenizer, eos_token="<|im_end|>")
-    candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
-    prompt = tokenizer.apply_chat_template(build_messages([], CANDIDATES), tokenize=False, add_generation_prompt=True)
-    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    constraints = [RankingConstraint(fmt, candidate_ids, max_explanation_tokens=4, first=2) for _ in range(4)]
-    torch.manual_seed(1)
-    out = model.generate(
-        prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=True, top_k=0, num_return_sequences=4,
-        max_new_tokens=fmt.max_tokens(candidate_ids, 4), eos_token_id=fmt.eos_id, pad_token_id=tokenizer.pad_token_id,
-        logits_processor=[HfRankingLogitsProcessor(constraints, prompt_ids.shape[1])],
-    )
-    for row in out[:, prompt_ids.shape[1]:]:
-        result = parse_answer(tokenizer.decode(row, skip_special_tokens=False).split("<|im_end|>")[0], SIDS)
+    for _, result in constrained_answers(tiny, samples=4, first=2, seed=1):
         assert result.valid and result.ranking[0] == 2

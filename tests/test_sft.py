@@ -19,7 +19,7 @@ from prerank_candidates import write_candidates
 from stage_process import kill_when
 from safetensors.torch import load_file
 
-from pipelines.common import REPO_ROOT, init_ray, setup_env
+from pipelines.common import REPO_ROOT
 from pipelines.sft import SftConfig, run
 from pipelines.train_utils import read_train_log, read_trainer_state
 from rec.config import ConfigError, load_config
@@ -106,16 +106,6 @@ def test_config_keeps_reasoning_weighted_below_the_ranking():
     with pytest.raises(ConfigError, match="lambda_reasoning"):
         _config("x", "lambda_reasoning=2.0")
     assert _config("x", "source=target").output_name == "sft_target"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    setup_env()
-    init_ray(num_cpus=3)
-    yield
-    ray.shutdown()
 
 
 def _train_and_check(run_dir, zero_stage: int) -> dict:
