@@ -397,7 +397,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict[str, Any]:
     settings = {name: rerank_settings(path, cfg) if path else (cfg.prompt, cfg.eos_token)
                 for name, path in models.items()}
     candidates = run_dir.read_parquet("candidates", f"{cfg.split}.parquet")
-    rows, dropped = eligible_rows(candidates, cfg)  # reads only seed, max_rows and insert_missing_target
+    rows, dropped = eligible_rows(candidates, cfg)
     if not rows.num_rows:
         raise DataError(f"{run_dir.path('candidates', f'{cfg.split}.parquet')}: no row holds its target "
                         f"({dropped['rows_without_target']} rows); set insert_missing_target=true to evaluate anyway")

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -122,8 +122,17 @@ class TracesConfig(EngineActorsConfig):
         return 1 if self.mode == "target" else self.max_attempts
 
 
-def eligible_rows(candidates: pa.Table, cfg: TracesConfig) -> tuple[pa.Table, dict[str, int]]:
-    """Training rows the teacher sees (row_id = position in candidates/train.parquet) and how many were dropped."""
+class RowSelection(Protocol):
+    """What eligible_rows reads of a stage config (traces and evaluate both have these fields)."""
+
+    seed: int
+    max_rows: int | None
+    insert_missing_target: bool
+
+
+def eligible_rows(candidates: pa.Table, cfg: RowSelection) -> tuple[pa.Table, dict[str, int]]:
+    """Candidate rows that hold their target (row_id = position in the candidates file), with the target inserted
+    into the others when asked, and how many were dropped or filled."""
     rng_seed = cfg.seed
     out: dict[str, list] = {name: [] for name in ROWS_SCHEMA.names}
     counts = Counter()
