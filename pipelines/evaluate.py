@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from pipelines.common import (
     EngineActorsConfig,
@@ -52,13 +52,19 @@ from rec.config import ConfigError, Section, config_fingerprint
 from rec.data import DataError
 from rec.io import RunDir
 from rec.metrics import ranking_metrics, target_ranks
-from rec.rerank import RerankPromptSection, RerankSamplingSection, final_ranking, parse_answer
+from rec.rerank import (
+    RERANK_SETTINGS,
+    RerankPromptSection,
+    RerankSamplingSection,
+    eos_token_id,
+    final_ranking,
+    parse_answer,
+    read_rerank_settings,
+)
 
 log = logging.getLogger("gr2.evaluate")
 
 PRERANK = "prerank"
-RERANK_SETTINGS = "gr2_rerank.json"
-"""Written into a model dir by the SFT stage: the prompt settings (and eos token) the model was trained with."""
 PROMPT_TOO_LONG = "prompt_too_long"
 META_KEY = b"gr2_evaluate_config"
 RESULT_SCHEMA = pa.schema([
@@ -153,29 +159,11 @@ def resolve_model(run_dir: RunDir, entry: ModelEntry, model_root: str | None = N
 
 def rerank_settings(model: str, cfg: EvaluateConfig) -> tuple[RerankPromptSection, str]:
     """(prompt section, eos token) for `model`: its own `gr2_rerank.json` when it has one, else the config's."""
-    path = Path(model) / RERANK_SETTINGS
-    if not path.is_file():
+    found = read_rerank_settings(str(Path(model) / RERANK_SETTINGS))
+    if found is None:
         return cfg.prompt, cfg.eos_token
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("prompt"), dict):
-            raise ValueError('expected {"prompt": {...}, "eos_token": "..."}')
-        eos = data.get("eos_token", cfg.eos_token)
-        if not isinstance(eos, str):
-            raise ValueError(f"eos_token must be a string, got {eos!r}")
-        return RerankPromptSection.model_validate(data["prompt"]), eos
-    except ValidationError as err:
-        fields = "; ".join(f"prompt.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{path}: not valid re-rank settings: {fields}") from None
-    except ValueError as err:  # JSONDecodeError is a ValueError
-        raise ConfigError(f"{path}: not valid re-rank settings: {err}") from None
-
-
-def eos_id_of(tokenizer, eos_token: str, model: str) -> int:
-    eos_id = tokenizer.convert_tokens_to_ids(eos_token)
-    if eos_id is None or eos_id == tokenizer.unk_token_id:
-        raise ConfigError(f"eos_token {eos_token!r} is not a token of {model}")
-    return eos_id
+    prompt, eos = found
+    return prompt, eos or cfg.eos_token
 
 
 def rerank_rows(prompts, generator, max_model_len: int, batch: pa.Table) -> pa.Table:
@@ -218,7 +206,7 @@ class RerankBatch:
                                      RerankPromptSection.model_validate(prompt))
         processors = [RANKING_PROCESSOR] if cfg.sampling.constrained else []
         llm, bound, self._core_lock = start_actor_engine(cfg, model, logits_processors=processors, seed=cfg.seed)
-        self.generator = RerankGenerator(tokenizer, eos_id_of(tokenizer, eos_token, model), cfg.sampling, llm=llm)
+        self.generator = RerankGenerator(tokenizer, eos_token_id(tokenizer, eos_token, model), cfg.sampling, llm=llm)
         log.info("evaluate actor: %s on cores %s", model, bound or "-")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -414,7 +402,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict[str, Any]:
             skipped.append(entry.name)
             continue
         if (model := models[entry.name]) is not None:  # a wrong eos token fails here, not in every actor
-            eos_id_of(AutoTokenizer.from_pretrained(model), settings[entry.name][1], model)
+            eos_token_id(AutoTokenizer.from_pretrained(model), settings[entry.name][1], model)
         plans.append((entry, final_fp, parts_fp))
     if cfg.overwrite and run_dir.exists("eval", "_parts"):
         run_dir.fs.delete_dir(run_dir.path("eval", "_parts"))

@@ -43,12 +43,11 @@ from pipelines.train_utils import (
 )
 from rec.config import StageConfig, config_fingerprint
 from rec.io import RunDir
-from rec.rerank import RerankPromptSection
+from rec.rerank import RERANK_SETTINGS, RerankPromptSection, rerank_settings_json
 
 log = logging.getLogger("gr2.sft")
 
 REPORT = "sft_report.json"
-RERANK_SETTINGS = "gr2_rerank.json"
 RESUMABLE_FIELDS = {"run_dir", "overwrite", "train"}
 
 
@@ -193,8 +192,7 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     if result.checkpoint is None:
         raise RuntimeError(f"sft: training ended without a checkpoint ({result.error})")
     publish_checkpoint(result.checkpoint, run_dir, *output)
-    run_dir.write_json({"prompt": cfg.prompt.model_dump(mode="json"), "eos_token": cfg.eos_token},
-                       *output, RERANK_SETTINGS)
+    run_dir.write_json(rerank_settings_json(cfg.prompt, cfg.eos_token), *output, RERANK_SETTINGS)
     state = read_trainer_state(run_dir, *output)
     metrics = result.metrics or {}
     mean_tokens = float(np.mean([len(row["input_ids"]) for row in train_rows]))

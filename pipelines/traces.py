@@ -199,15 +199,14 @@ class TeacherBatch:
 
         from pipelines.common import setup_logging
         from rec.engines import RANKING_PROCESSOR, RerankGenerator
-        from rec.rerank import PromptBuilder, catalogue
+        from rec.rerank import PromptBuilder, catalogue, eos_token_id
 
         setup_logging()
         self.cfg = cfg = TracesConfig.model_validate(cfg)
+        self.run_id = uuid.uuid4().hex[:12]  # marks the rows this actor wrote (a resumed run keeps earlier ones)
         tokenizer = AutoTokenizer.from_pretrained(model)
         self.prompts = PromptBuilder(tokenizer, *catalogue(RunDir.open(run_dir)), cfg.prompt)
-        eos_id = tokenizer.convert_tokens_to_ids(cfg.teacher.eos_token)
-        if eos_id is None or eos_id == tokenizer.unk_token_id:
-            raise ValueError(f"teacher.eos_token {cfg.teacher.eos_token!r} is not a token of {model}")
+        eos_id = eos_token_id(tokenizer, cfg.teacher.eos_token, model)
         if cfg.backend == "hf":
             import torch
 
@@ -259,7 +258,6 @@ class TeacherBatch:
                     row.generated_tokens += generated
                     row.take(text, parse_answer(text, row.candidate_sids), round_number)
             pending = [r for r in pending if not r.accepted_round and r.attempts < self.cfg.attempt_budget]
-        run_id = self.run_id = getattr(self, "run_id", uuid.uuid4().hex[:12])
         return pa.table({
             "row_id": [r.row_id for r in rows], "prompt": [r.prompt for r in rows],
             "completion": [r.completion for r in rows], "ranking": [r.ranking for r in rows],
@@ -270,7 +268,7 @@ class TeacherBatch:
             "generated_tokens": [r.generated_tokens for r in rows],
             "invalid_samples": [sum(r.reasons.values()) for r in rows],
             "invalid_reasons": [json.dumps(dict(r.reasons), sort_keys=True) for r in rows],
-            "run_id": [run_id] * len(rows),
+            "run_id": [self.run_id] * len(rows),
         }, schema=RESULT_SCHEMA)
 
 

@@ -26,9 +26,9 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from rec.config import Section
+from rec.config import ConfigError, Section
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -259,6 +259,45 @@ class RerankSamplingSection(Section):
     """Decode under rec.answer_constraint: every answer is a valid ranking; the explanation is free text."""
     max_explanation_tokens: int = Field(default=64, ge=0)
     """Explanation budget of a constrained answer."""
+
+
+RERANK_SETTINGS = "gr2_rerank.json"
+"""A re-ranker model folder's prompt settings, written by the SFT stage, read by evaluation and serving:
+`{"prompt": {...RerankPromptSection...}, "eos_token": "<|im_end|>"}`."""
+
+
+def rerank_settings_json(prompt: RerankPromptSection, eos_token: str) -> dict:
+    return {"prompt": prompt.model_dump(mode="json"), "eos_token": eos_token}
+
+
+def read_rerank_settings(path: str) -> tuple[RerankPromptSection, str | None] | None:
+    """(prompt section, eos token or None) from a `gr2_rerank.json`; None when there is no such file."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), dict):
+            raise ValueError('expected {"prompt": {...}, "eos_token": "..."}')
+        eos = data.get("eos_token")
+        if eos is not None and not isinstance(eos, str):
+            raise ValueError(f"eos_token must be a string, got {eos!r}")
+        return RerankPromptSection.model_validate(data["prompt"]), eos
+    except ValidationError as err:
+        fields = "; ".join(f"prompt.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{file}: not valid re-rank settings: {fields}") from None
+    except ValueError as err:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{file}: not valid re-rank settings: {err}") from None
+
+
+def eos_token_id(tokenizer, eos_token: str, model: str) -> int:
+    """Id of the token that ends an answer; an error naming the model when its tokenizer lacks it."""
+    eos_id = tokenizer.convert_tokens_to_ids(eos_token)
+    if eos_id is None or eos_id == tokenizer.unk_token_id:
+        raise ConfigError(f"eos_token {eos_token!r} is not a token of {model}")
+    return eos_id
 
 
 class PromptBuilder:
