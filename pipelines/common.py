@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import Field
@@ -213,21 +214,68 @@ class EngineActorsConfig(StageConfig):
     """Fields that decide how fast, not what: they may change between a run and its resumption."""
 
 
-def start_actor_engine(cfg: EngineActorsConfig, model: str, **engine_args: Any):
-    """A vLLM engine for one pool actor, returned as (llm, cores or None, lock). CPU actors bind the engine to cores
-    of their own (the lock is held for the actor's life) and run it in-process (starts in ~2 s); GPU actors use
-    vLLM's default engine process and executor, which spreads `tensor_parallel_size` over the actor's GPUs."""
+def start_engine(engine: EngineSection, model: str, cpus: float, gpus: float, bind_cores: bool = True,
+                 **engine_args: Any):
+    """A vLLM engine for one Ray actor (a pool actor or a Serve replica), returned as (llm, cores or None, lock).
+    CPU actors bind the engine to cores of their own (the lock is held for the actor's life) and run it in-process
+    (starts in ~2 s); GPU actors use vLLM's default engine process and executor, which spreads
+    `tensor_parallel_size` over the actor's GPUs."""
     from rec.engines import claim_cpu_cores, start_llm
 
-    cores = max(1, round(cfg.cpus_per_actor))
-    claim = claim_cpu_cores(cores) if cfg.bind_cores and cfg.gpus_per_actor == 0 else None
-    engine = cfg.engine
+    claim = claim_cpu_cores(max(1, round(cpus))) if bind_cores and gpus == 0 else None
     llm = start_llm(
         model, max_model_len=engine.max_model_len, kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
         dtype=engine.dtype, cpu_cores=claim[0] if claim else None, block_size=engine.block_size,
-        enforce_eager=engine.enforce_eager, in_process=cfg.gpus_per_actor == 0, **{**engine.extra, **engine_args},
+        enforce_eager=engine.enforce_eager, in_process=gpus == 0, **{**engine.extra, **engine_args},
     )
     return llm, claim[0] if claim else None, claim[1] if claim else None
+
+
+def start_actor_engine(cfg: EngineActorsConfig, model: str, **engine_args: Any):
+    """`start_engine` with a pool stage's actor resources."""
+    return start_engine(cfg.engine, model, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.bind_cores, **engine_args)
+
+
+def start_sid_ranker(run_dir: RunDir, model: str, codebook_size: int, engine: EngineSection, backend: str,
+                     num_beams: int, top_n: int, cpus: float, gpus: float, bind_cores: bool = True):
+    """The constrained beam-search ranker over `model` and the run's SID map (prerank actors, the serving Ranker):
+    (rec.engines.SidRanker, core lock or None). `backend` is `vllm` or `hf` (the reference, slower)."""
+    from transformers import AutoTokenizer
+
+    from rec.engines import SidRanker
+
+    sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
+    codes = np.array(sid_map["codes"], dtype=np.int64)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    args = dict(tokenizer=tokenizer, item_ids=sid_map["item_id"], codes=codes, codebook_size=codebook_size,
+                num_beams=num_beams, top_n=top_n, max_model_len=engine.max_model_len)
+    if backend == "hf":
+        import torch
+
+        from rec.model import load_student
+
+        torch.set_num_threads(max(1, round(cpus)))
+        return SidRanker(model=load_student(model, dtype=getattr(torch, engine.dtype))[1].eval(), **args), None
+    llm, bound, lock = start_engine(engine, model, cpus, gpus, bind_cores)
+    log.info("SID ranker: vLLM engine for %s on cores %s", model, bound or "-")
+    return SidRanker(llm=llm, **args), lock
+
+
+def start_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sampling, engine: EngineSection, cpus: float,
+                   gpus: float, bind_cores: bool = True, seed: int = 0):
+    """The re-ranker over a vLLM engine for `model` (evaluation actors, the serving ReRanker): (rec.engines.Reranker,
+    cores or None, core lock or None). `prompt` is a RerankPromptSection, `sampling` a RerankSamplingSection."""
+    from transformers import AutoTokenizer
+
+    from rec.engines import RANKING_PROCESSOR, Reranker, RerankGenerator
+    from rec.rerank import PromptBuilder, catalogue, eos_token_id
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = PromptBuilder(tokenizer, *catalogue(run_dir), prompt)
+    processors = [RANKING_PROCESSOR] if sampling.constrained else []
+    llm, bound, lock = start_engine(engine, model, cpus, gpus, bind_cores, logits_processors=processors, seed=seed)
+    generator = RerankGenerator(tokenizer, eos_token_id(tokenizer, eos_token, model), sampling, llm=llm)
+    return Reranker(prompts, generator, engine.max_model_len), bound, lock
 
 
 def stream_actor_pool(cfg: EngineActorsConfig, rows: pa.Table, actor_cls: type, ctor_kwargs: dict[str, Any]):

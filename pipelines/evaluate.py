@@ -44,7 +44,7 @@ from pipelines.common import (
     exit_on_user_error,
     model_digest,
     parse_cli,
-    start_actor_engine,
+    start_reranker,
     stream_actor_pool,
 )
 from pipelines.traces import eligible_rows
@@ -57,15 +57,12 @@ from rec.rerank import (
     RerankPromptSection,
     RerankSamplingSection,
     eos_token_id,
-    final_ranking,
-    parse_answer,
     read_rerank_settings,
 )
 
 log = logging.getLogger("gr2.evaluate")
 
 PRERANK = "prerank"
-PROMPT_TOO_LONG = "prompt_too_long"
 META_KEY = b"gr2_evaluate_config"
 RESULT_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("ranking", pa.list_(pa.int64())), ("valid", pa.bool_()), ("reason", pa.string()),
@@ -166,51 +163,35 @@ def rerank_settings(model: str, cfg: EvaluateConfig) -> tuple[RerankPromptSectio
     return prompt, eos or cfg.eos_token
 
 
-def rerank_rows(prompts, generator, max_model_len: int, batch: pa.Table) -> pa.Table:
-    """One greedy (or sampled) answer per row -> final ranking. A prompt too long for the engine is not sent: it falls
-    back like an invalid answer, with the reason `prompt_too_long`."""
-    rows = []
-    for row_id, history, candidates in zip(*(batch.column(c).to_pylist() for c in ("row_id", "history", "candidates"))):
-        _, prompt_ids = prompts.prompt(history, candidates)
-        token_ids = prompts.candidate_token_ids(candidates)
-        rows.append((row_id, candidates, prompt_ids, token_ids,
-                     len(prompt_ids) + generator.max_tokens(token_ids) <= max_model_len))
-    sent = [r for r in rows if r[4]]
-    answers = iter(generator.generate([r[2] for r in sent], [r[3] for r in sent], [1] * len(sent)) if sent else [])
-    out: dict[str, list] = {name: [] for name in RESULT_SCHEMA.names}
-    for row_id, candidates, _, _, fits in rows:
-        if fits:
-            (text, generated), = next(answers)
-            ranking, reason = final_ranking(parse_answer(text, prompts.candidate_sids(candidates)), candidates)
-        else:
-            text, generated, ranking, reason = None, 0, list(candidates), PROMPT_TOO_LONG
-        for name, value in zip(RESULT_SCHEMA.names, (row_id, ranking, reason is None, reason, generated, text)):
-            out[name].append(value)
-    return pa.table(out, schema=RESULT_SCHEMA)
+def rerank_rows(reranker, batch: pa.Table) -> pa.Table:
+    """One greedy (or sampled) answer per row -> final ranking (`rec.engines.Reranker`: a prompt too long for the
+    engine is not sent and falls back like an invalid answer, with the reason `prompt_too_long`)."""
+    results = reranker.rerank(batch.column("history").to_pylist(), batch.column("candidates").to_pylist())
+    return pa.table({
+        "row_id": batch.column("row_id"),
+        "ranking": [r.ranking for r in results],
+        "valid": [r.reason is None for r in results],
+        "reason": [r.reason for r in results],
+        "generated_tokens": [r.generated_tokens for r in results],
+        "completion": [r.completion for r in results],
+    }, schema=RESULT_SCHEMA)
 
 
 class RerankBatch:
     """Ray Data actor: candidate rows -> one model's final rankings; one engine per actor, built once."""
 
     def __init__(self, run_dir: str, model: str, prompt: dict[str, Any], eos_token: str, cfg: dict[str, Any]):
-        from transformers import AutoTokenizer
-
         from pipelines.common import setup_logging
-        from rec.engines import RANKING_PROCESSOR, RerankGenerator
-        from rec.rerank import PromptBuilder, catalogue
 
         setup_logging()
-        self.cfg = cfg = EvaluateConfig.model_validate(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        self.prompts = PromptBuilder(tokenizer, *catalogue(RunDir.open(run_dir)),
-                                     RerankPromptSection.model_validate(prompt))
-        processors = [RANKING_PROCESSOR] if cfg.sampling.constrained else []
-        llm, bound, self._core_lock = start_actor_engine(cfg, model, logits_processors=processors, seed=cfg.seed)
-        self.generator = RerankGenerator(tokenizer, eos_token_id(tokenizer, eos_token, model), cfg.sampling, llm=llm)
+        cfg = EvaluateConfig.model_validate(cfg)
+        self.reranker, bound, self._core_lock = start_reranker(
+            RunDir.open(run_dir), model, RerankPromptSection.model_validate(prompt), eos_token, cfg.sampling,
+            cfg.engine, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.bind_cores, seed=cfg.seed)
         log.info("evaluate actor: %s on cores %s", model, bound or "-")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return rerank_rows(self.prompts, self.generator, self.cfg.engine.max_model_len, batch)
+        return rerank_rows(self.reranker, batch)
 
 
 def prerank_results(rows: pa.Table) -> pa.Table:

@@ -40,7 +40,7 @@ from pipelines.common import (
     exit_on_user_error,
     model_digest,
     parse_cli,
-    start_actor_engine,
+    start_sid_ranker,
     stream_actor_pool,
 )
 from rec.config import Section, config_fingerprint
@@ -135,48 +135,16 @@ class PrerankBatch:
     """Ray Data actor: rows (split, row_id, history) -> top-N candidates; one engine per actor, built once."""
 
     def __init__(self, run_dir: str, model: str, codebook_size: int, cfg: dict[str, Any]):
-        from transformers import AutoTokenizer
-
         from pipelines.common import setup_logging
-        from rec.beam import SidDecoding
-        from rec.midtrain_data import SidEncoder
 
         setup_logging()
-        cfg = PrerankConfig.model_validate(cfg)
-        sid_map = RunDir.open(run_dir).read_parquet("sid", "sid_map.parquet").to_pydict()
-        codes = np.array(sid_map["codes"], dtype=np.int64)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        self.encoder = SidEncoder(tokenizer, sid_map["item_id"], codes, codebook_size)
-        self.decoding = SidDecoding.from_sid_map(tokenizer, sid_map["item_id"], codes, codebook_size)
-        self.cfg = cfg
-        cores = max(1, round(cfg.cpus_per_actor))
-        if cfg.backend == "hf":
-            import torch
-
-            from rec.model import load_student
-
-            torch.set_num_threads(cores)
-            self.pad_id = tokenizer.pad_token_id
-            self.model = load_student(model, dtype=getattr(torch, cfg.engine.dtype))[1].eval()
-            return
-        from rec.engines import VllmSidBeamSearch
-
-        llm, bound, self._core_lock = start_actor_engine(cfg, model)  # the lock is held for the actor's life
-        log.info("prerank actor: vLLM engine on cores %s", bound or "-")
-        self.search = VllmSidBeamSearch(llm, self.decoding, cfg.num_beams, cfg.top_n)
+        self.cfg = cfg = PrerankConfig.model_validate(cfg)
+        self.ranker, self._core_lock = start_sid_ranker(RunDir.open(run_dir), model, codebook_size, cfg.engine,
+                                                        cfg.backend, cfg.num_beams, cfg.top_n, cfg.cpus_per_actor,
+                                                        cfg.gpus_per_actor, cfg.bind_cores)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from rec.beam import hf_beam_search
-        from rec.midtrain_data import next_item_prompt_ids
-
-        histories = batch.column("history").to_pylist()
-        prompts = [next_item_prompt_ids(self.encoder, h, self.cfg.engine.max_model_len) for h in histories]
-        exclude = histories if self.cfg.exclude_history else None
-        if self.cfg.backend == "hf":
-            results = hf_beam_search(self.model, self.decoding, prompts, self.cfg.num_beams, self.cfg.top_n,
-                                     exclude=exclude, pad_id=self.pad_id)
-        else:
-            results = self.search.search(prompts, exclude)
+        results = self.ranker.rank(batch.column("history").to_pylist(), self.cfg.exclude_history)
         return pa.table({
             "split": batch.column("split"),
             "row_id": batch.column("row_id"),

@@ -105,11 +105,16 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of field: value")
         data = loaded
-    data = apply_overrides(data, overrides or [])
+    return validate_config(cls, data, overrides or [], source)
+
+
+def validate_config(cls: type[C], data: dict[str, Any], overrides: list[str], source: str | None = None) -> C:
+    """`cls` from an already-read mapping plus `key=value` overrides; errors name `source` and the field."""
+    data = apply_overrides(data, overrides)
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: invalid {cls.__name__}:\n{_format_errors(err)}") from None
+        raise ConfigError(f"{source or '<overrides>'}: invalid {cls.__name__}:\n{_format_errors(err)}") from None
 
 
 def config_fingerprint(config: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -295,3 +296,84 @@ class RerankGenerator:
             text = self.tokenizer.decode([t for t in tokens if t != self.eos_id], skip_special_tokens=False)
             answers.append((text, len(tokens)))
         return answers
+
+
+class SidRanker:
+    """Histories -> top-N catalogue items by trie-constrained beam search: the prerank stage and the serving Ranker.
+
+    Back-ends: a `vllm.LLM` (`VllmSidBeamSearch`) or an HF causal LM (`rec.beam.hf_beam_search`, the reference).
+    Histories longer than the engine's `max_model_len` keep their most recent items.
+    """
+
+    def __init__(self, tokenizer, item_ids: Sequence[int], codes: np.ndarray, codebook_size: int, num_beams: int,
+                 top_n: int, max_model_len: int, llm=None, model=None):
+        from rec.midtrain_data import SidEncoder
+
+        if (llm is None) == (model is None):
+            raise ValueError("give exactly one of llm (vLLM) or model (HF)")
+        check_beam_args(num_beams, top_n)
+        codes = np.asarray(codes, dtype=np.int64)
+        self.encoder = SidEncoder(tokenizer, item_ids, codes, codebook_size)
+        self.decoding = SidDecoding.from_sid_map(tokenizer, item_ids, codes, codebook_size)
+        self.num_beams, self.top_n, self.max_model_len = num_beams, top_n, max_model_len
+        self.pad_id, self.model = tokenizer.pad_token_id, model
+        self.search = VllmSidBeamSearch(llm, self.decoding, num_beams, top_n) if llm is not None else None
+
+    def rank(self, histories: Sequence[Sequence[int]], exclude_history: bool = True) -> list[list[tuple[int, float]]]:
+        """Per history, up to `top_n` distinct (item_id, score), best first; with `exclude_history` no history item
+        is proposed."""
+        from rec.beam import hf_beam_search
+        from rec.midtrain_data import next_item_prompt_ids
+
+        prompts = [next_item_prompt_ids(self.encoder, h, self.max_model_len) for h in histories]
+        exclude = [list(h) for h in histories] if exclude_history else None
+        if self.model is not None:
+            return hf_beam_search(self.model, self.decoding, prompts, self.num_beams, self.top_n, exclude=exclude,
+                                  pad_id=self.pad_id)
+        return self.search.search(prompts, exclude)
+
+
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
+@dataclass
+class Reranked:
+    """One re-ranked list: the final item order (the incoming one when `reason` says why the answer is unusable)."""
+
+    ranking: list[int]
+    reason: str | None
+    generated_tokens: int
+    completion: str | None
+    explanation: str
+
+
+class Reranker:
+    """History + candidates -> final ranking: `PromptBuilder` -> `RerankGenerator` -> `parse_answer` ->
+    `final_ranking`, one answer per list (evaluation and the serving ReRanker). A prompt too long for the engine is
+    not sent; it keeps the incoming order with the reason `prompt_too_long`."""
+
+    def __init__(self, prompts, generator: RerankGenerator, max_model_len: int):
+        self.prompts, self.generator, self.max_model_len = prompts, generator, max_model_len
+
+    def rerank(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> list[Reranked]:
+        from rec.rerank import final_ranking, parse_answer
+
+        rows = []
+        for history, items in zip(histories, candidates):
+            _, prompt_ids = self.prompts.prompt(history, items)
+            token_ids = self.prompts.candidate_token_ids(items)
+            rows.append((prompt_ids, token_ids,
+                         len(prompt_ids) + self.generator.max_tokens(token_ids) <= self.max_model_len))
+        sent = [r for r in rows if r[2]]
+        answers = iter(self.generator.generate([r[0] for r in sent], [r[1] for r in sent], [1] * len(sent))
+                       if sent else [])
+        out = []
+        for (_, _, fits), items in zip(rows, candidates):
+            if not fits:
+                out.append(Reranked(list(items), PROMPT_TOO_LONG, 0, None, ""))
+                continue
+            (text, generated), = next(answers)
+            parsed = parse_answer(text, self.prompts.candidate_sids(items))
+            ranking, reason = final_ranking(parsed, items)
+            out.append(Reranked(ranking, reason, generated, text, parsed.explanation))
+        return out

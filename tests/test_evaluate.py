@@ -27,6 +27,7 @@ from pipelines.evaluate import (
 )
 from prerank_candidates import write_candidates
 from rec.config import ConfigError, load_config
+from rec.engines import Reranker
 from rec.io import RunDir
 from rec.rerank import format_answer
 
@@ -151,7 +152,7 @@ def test_rows_parse_answers_fall_back_on_invalid_ones_and_skip_prompts_that_do_n
                       "candidates": [[7, 8, 9], [7, 8, 9], [7, 8, 9], [7, 8, 9]], "target": [8, 8, 8, 8]})
     generator = FakeGenerator([format_answer("why", ["<8>", "<9>", "<7>"]), "no json at all",
                                format_answer("same", ["<7>", "<8>", "<9>"])])
-    out = rerank_rows(FakePrompts(), generator, 1024, batch)
+    out = rerank_rows(Reranker(FakePrompts(), generator, 1024), batch)
     assert out.schema == RESULT_SCHEMA and generator.requests == [3]  # row 2 (2000 + 64 tokens) is never sent
     rows = out.to_pylist()
     assert [r["ranking"] for r in rows] == [[8, 9, 7], [7, 8, 9], [7, 8, 9], [7, 8, 9]]
