@@ -49,6 +49,7 @@ demo: setup
 	$(PY) -m pipelines.traces --config pipelines/configs/$(PRESET)/traces.yaml run_dir=$(RUN_DIR) mode=target
 	$(PY) -m pipelines.sft --config pipelines/configs/$(PRESET)/sft.yaml run_dir=$(RUN_DIR)
 	$(PY) -m pipelines.sft --config pipelines/configs/$(PRESET)/sft.yaml run_dir=$(RUN_DIR) source=target
+	$(PY) -m pipelines.rl --config pipelines/configs/$(PRESET)/rl.yaml run_dir=$(RUN_DIR)
 	$(PY) -m pipelines.evaluate --config pipelines/configs/$(PRESET)/evaluate.yaml run_dir=$(RUN_DIR)
 
 # Benchmarks print their tables and write bench/results/*.{json,md}; the midtrain, traces and sft throughput

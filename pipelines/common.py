@@ -262,9 +262,10 @@ def start_sid_ranker(run_dir: RunDir, model: str, codebook_size: int, engine: En
 
 
 def start_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sampling, engine: EngineSection, cpus: float,
-                   gpus: float, bind_cores: bool = True, seed: int = 0):
-    """The re-ranker over a vLLM engine for `model` (evaluation actors, the serving ReRanker): (rec.engines.Reranker,
-    cores or None, core lock or None). `prompt` is a RerankPromptSection, `sampling` a RerankSamplingSection."""
+                   gpus: float, bind_cores: bool = True, seed: int = 0, **engine_args: Any):
+    """The re-ranker over a vLLM engine for `model` (evaluation actors, the serving ReRanker, RL rollouts):
+    (rec.engines.Reranker, cores or None, core lock or None). `prompt` is a RerankPromptSection, `sampling` a
+    RerankSamplingSection; `engine_args` go to vllm.LLM."""
     from transformers import AutoTokenizer
 
     from rec.engines import RANKING_PROCESSOR, Reranker, RerankGenerator
@@ -273,7 +274,8 @@ def start_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sampling
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = PromptBuilder(tokenizer, *catalogue(run_dir), prompt)
     processors = [RANKING_PROCESSOR] if sampling.constrained else []
-    llm, bound, lock = start_engine(engine, model, cpus, gpus, bind_cores, logits_processors=processors, seed=seed)
+    llm, bound, lock = start_engine(engine, model, cpus, gpus, bind_cores, logits_processors=processors, seed=seed,
+                                    **engine_args)
     generator = RerankGenerator(tokenizer, eos_token_id(tokenizer, eos_token, model), sampling, llm=llm)
     return Reranker(prompts, generator, engine.max_model_len), bound, lock
 

@@ -276,9 +276,39 @@ def _eval_loss(engine, job: TrainJob, rank: int, world_size: int, device) -> flo
     return float(totals[0] / totals[1]) if totals[1] else None
 
 
+def init_engine(train: TrainSection, build_model: Callable[[], torch.nn.Module], total_steps: int, seed: int):
+    """This worker's DeepSpeed engine around `build_model()` (seeded): ZeRO stage, AdamW, warm-up + decay schedule,
+    gradient checkpointing as configured. Call inside a Ray Train worker (torch.distributed is initialised)."""
+    import deepspeed
+
+    ds_config = train.deepspeed_config()
+    hf_ds_config = None
+    if train.zero_stage == 3:
+        # While this object lives, from_pretrained partitions weights as it loads (an 8B model never sits whole
+        # on one GPU). transformers needs `accelerate` for it; a model built from a config does not.
+        try:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            hf_ds_config = HfDeepSpeedConfig(ds_config)
+        except ImportError as err:
+            log.warning("ZeRO-3 without HfDeepSpeedConfig (%s); pretrained weights load whole on each worker", err)
+    torch.manual_seed(seed)
+    model = build_model()
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, total_steps)),
+    )
+    engine.hf_deepspeed_config = hf_ds_config  # transformers sees ZeRO-3 (a weak reference) while the engine lives
+    return engine
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker loop: build, (resume,) train to `total_steps`, log from rank 0, checkpoint as configured."""
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -293,28 +323,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if not train.use_gpu:
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    ds_config = train.deepspeed_config()
-    hf_ds_config = None
-    if train.zero_stage == 3:
-        # While this object lives, from_pretrained partitions weights as it loads (an 8B model never sits whole
-        # on one GPU). transformers needs `accelerate` for it; a model built from a config does not.
-        try:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
-        except ImportError as err:
-            log.warning("ZeRO-3 without HfDeepSpeedConfig (%s); pretrained weights load whole on each worker", err)
-    torch.manual_seed(job.seed)
-    model = job.build_model()
-    if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, job.total_steps)),
-    )
+    engine = init_engine(train, job.build_model, job.total_steps, job.seed)
     state, history = _restore(engine, job, world_size)
     shard = ray.train.get_dataset_shard("train")
     collate_fn = _numpy_collate(job.collate_fn)

@@ -221,6 +221,44 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+WEIGHT_SYNC_EXTENSION = "rec.engines.WeightSyncExtension"
+"""Pass as `start_llm(..., worker_extension_cls=WEIGHT_SYNC_EXTENSION)` to update an engine's weights in place."""
+
+
+class WeightSyncExtension:
+    """vLLM worker extension: new weights into a live engine (RL), without restarting it.
+
+    Called as `llm.collective_rpc("load_weights_from_bytes", args=(blob,))` with the weights as safetensors bytes
+    (raw tensors do not survive vLLM's multi-process path); follow with `llm.reset_prefix_cache()`, or cached
+    prefixes keep serving KV computed with the old weights. vLLM mixes this class into its worker class.
+    """
+
+    def load_weights_from_bytes(self, blob: bytes) -> int:
+        from safetensors.torch import load
+
+        weights = load(blob)
+        self.reload_weights(weights_iterator=iter(weights.items()))
+        return len(weights)
+
+
+def push_weights(llm, blob: bytes) -> None:
+    """Load safetensors bytes into a live engine started with `WEIGHT_SYNC_EXTENSION`, then drop cached prefixes."""
+    llm.collective_rpc("load_weights_from_bytes", args=(blob,))
+    llm.reset_prefix_cache()
+
+
+def completion_logprobs(llm, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+    """The engine's log-probability of each completion token after the prompt (prompt log-probs of the joined
+    sequence, raw logits): what the trainer's model must reproduce once the weights are synced."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids = list(prompt_ids) + list(completion_ids)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    output = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+    return [output.prompt_logprobs[i][ids[i]].logprob for i in range(len(prompt_ids), len(ids))]
+
+
 class RerankGenerator:
     """Re-rank answers for prompts: one implementation for teacher traces, evaluation, RL rollouts and serving.
 
@@ -246,13 +284,15 @@ class RerankGenerator:
 
     def generate(
         self, prompts: Sequence[Sequence[int]], candidate_token_ids: Sequence[Sequence[Sequence[int]]],
-        samples: Sequence[int], first: Sequence[int | None] | None = None,
-    ) -> list[list[tuple[str, int]]]:
-        """`samples[i]` answers to prompt i as (text without the eos, generated tokens including it). With the
-        ranking constraint, `first[i]` pins the candidate a ranking must start with."""
+        samples: Sequence[int], first: Sequence[int | None] | None = None, with_ids: bool = False,
+    ) -> list[list[tuple]]:
+        """`samples[i]` answers to prompt i as (text without the eos, generated tokens including it), plus the
+        generated token ids when `with_ids` (what RL trains on). With the ranking constraint, `first[i]` pins the
+        candidate a ranking must start with."""
         first = list(first) if first is not None else [None] * len(prompts)
         if self.model is not None:
-            return [self._hf(p, c, n, f) for p, c, n, f in zip(prompts, candidate_token_ids, samples, first)]
+            answers = [self._hf(p, c, n, f) for p, c, n, f in zip(prompts, candidate_token_ids, samples, first)]
+            return answers if with_ids else [[a[:2] for a in row] for row in answers]
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -266,10 +306,11 @@ class RerankGenerator:
                 args["extra_args"] = ranking_extra_args(candidates, s.max_explanation_tokens, self.eos_id, pinned)
             params.append(SamplingParams(**args))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        return [[(o.text, len(o.token_ids)) for o in output.outputs] for output in outputs]
+        return [[(o.text, len(o.token_ids), list(o.token_ids)) if with_ids else (o.text, len(o.token_ids))
+                 for o in output.outputs] for output in outputs]
 
     def _hf(self, prompt_ids: Sequence[int], candidates: Sequence[Sequence[int]], n: int,
-            first: int | None = None) -> list[tuple[str, int]]:
+            first: int | None = None) -> list[tuple[str, int, list[int]]]:
         import torch
 
         from rec.answer_constraint import HfRankingLogitsProcessor, RankingConstraint
@@ -294,7 +335,7 @@ class RerankGenerator:
             if self.eos_id in tokens:
                 tokens = tokens[: tokens.index(self.eos_id) + 1]
             text = self.tokenizer.decode([t for t in tokens if t != self.eos_id], skip_special_tokens=False)
-            answers.append((text, len(tokens)))
+            answers.append((text, len(tokens), tokens))
         return answers
 
 

@@ -178,3 +178,80 @@ class DynamicBatch:
     @property
     def kept_fraction(self) -> float:
         return len(self.groups) / self.seen_groups if self.seen_groups else 0.0
+
+
+@dataclass
+class ScoredSample:
+    """One sampled answer with its verifiable reward (the list's pre-rank order is the reference)."""
+
+    reward: float
+    rank_reward: float
+    valid: bool
+    identity: bool
+    pre: int
+    post: int
+
+
+def score_sample(ranking: Sequence[int], valid: bool, candidates: Sequence[int], target: int, reward: str,
+                 alpha: float, length: int = 0, max_length: int = 0, overlong_buffer: int = 0,
+                 overlong_factor: float = 1.0) -> ScoredSample:
+    """Reward of a final ranking (an invalid answer's ranking is the incoming order: post = pre).
+
+    >>> s = score_sample([8, 7, 9], True, [7, 8, 9], target=8, reward="conditional", alpha=0.1)
+    >>> round(s.reward, 4), s.pre, s.post, s.identity
+    (0.4333, 1, 0, False)
+    >>> score_sample([7, 8, 9], True, [7, 8, 9], target=8, reward="unconditional", alpha=0.1).identity
+    True
+    """
+    n = len(candidates)
+    pre, post = list(candidates).index(target), list(ranking).index(target)
+    value = reward_fn(reward)(pre, post, n, valid, alpha)
+    if max_length:
+        value += overlong_penalty(length, max_length, overlong_buffer, overlong_factor)
+    return ScoredSample(reward=value, rank_reward=rank_reward(pre, post, n), valid=valid,
+                        identity=valid and list(ranking) == list(candidates), pre=pre, post=post)
+
+
+def policy_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+                 ) -> dict[str, torch.Tensor]:
+    """Prompt + completion sequences for one forward pass: prompts left-padded to a common end, completions
+    right-padded after it, so every completion token sits in the last `completion_ids.shape[1]` positions.
+
+    >>> b = policy_batch([[1, 2], [3]], [[7], [8, 9]], pad_id=0)
+    >>> b["input_ids"].tolist(), b["completion_mask"].tolist()
+    ([[1, 2, 7, 0], [0, 3, 8, 9]], [[1, 0], [1, 1]])
+    >>> b["position_ids"].tolist()
+    [[0, 1, 2, 2], [0, 0, 1, 2]]
+    """
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"need as many prompts as completions (>0), got {len(prompts)} and {len(completions)}")
+    width_p, width_c = max(map(len, prompts)), max(map(len, completions))
+    rows, masks, comp, comp_mask = [], [], [], []
+    for prompt, completion in zip(prompts, completions):
+        left, right = width_p - len(prompt), width_c - len(completion)
+        rows.append([pad_id] * left + list(prompt) + list(completion) + [pad_id] * right)
+        masks.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
+        comp.append(list(completion) + [pad_id] * right)
+        comp_mask.append([1] * len(completion) + [0] * right)
+    attention = torch.tensor(masks)
+    return {"input_ids": torch.tensor(rows), "attention_mask": attention,
+            "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
+            "completion_ids": torch.tensor(comp), "completion_mask": torch.tensor(comp_mask)}
+
+
+def completion_logprobs(model, batch: dict[str, torch.Tensor], with_entropy: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[sequences, completion tokens] log-probabilities of the completion tokens under `model` (an HF causal LM
+    or a DeepSpeed engine around one), and the policy's entropy at those positions when asked. Only the logits of
+    the completion positions are computed (`logits_to_keep`)."""
+    width = batch["completion_ids"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()  # position t predicts token t + 1
+    log_probs = torch.log_softmax(logits, dim=-1)
+    chosen = log_probs.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return chosen, entropy

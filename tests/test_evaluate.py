@@ -46,7 +46,7 @@ def _config(run_dir, *overrides: str) -> EvaluateConfig:
 
 def test_tiny_config_and_model_entries_are_checked():
     cfg = _config("x")
-    assert [m.name for m in cfg.models] == ["prerank", "midtrain", "sft_target", "sft_reject"]
+    assert [m.name for m in cfg.models] == ["prerank", "midtrain", "sft_target", "sft_reject", "rl"]
     assert cfg.models[0].is_prerank and not cfg.models[1].is_prerank
     assert cfg.sampling.temperature == 0 and cfg.sampling.constrained
     assert ModelEntry(name="prerank").is_prerank and not ModelEntry(name="prerank", path="models/x").is_prerank

@@ -1,0 +1,112 @@
+"""The rl stage: the weight sync into a live vLLM engine, the config checks, and the real stage for a few steps
+(a vLLM rollout actor and a Ray Train + DeepSpeed worker on a local Ray) with resume-or-skip on rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from beam_fixtures import make_prerank_run_dir
+from prerank_candidates import write_candidates
+from safetensors.torch import load_file, save
+
+from pipelines.common import REPO_ROOT
+from pipelines.rl import RlConfig, RolloutWorker, run
+from rec.config import ConfigError, load_config
+from rec.rerank import format_answer
+
+TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "rl.yaml"
+# the fixture model reads 1024 positions and spends ~1 token per character of a title
+SMALL = ["rollout.engine.max_model_len=1024", "rollout.engine.kv_cache_memory_bytes=67108864",
+         "prompt.history_token_budget=40", "prompt.max_title_chars=16", "sampling.max_explanation_tokens=4"]
+
+
+def _config(run_dir, *overrides: str) -> RlConfig:
+    return load_config(RlConfig, TINY_YAML, [f"run_dir={run_dir}", *overrides])
+
+
+def test_batch_shape_is_checked_and_grad_accumulation_derived():
+    cfg = _config("x")
+    assert cfg.grad_accum_steps == 4 and cfg.rl.reward == "conditional" and cfg.sampling.constrained
+    with pytest.raises(ConfigError, match="must split evenly"):
+        _config("x", "rl.prompts_per_step=3")
+    with pytest.raises(ConfigError, match="clip-higher"):
+        _config("x", "rl.eps_high=0.1")
+    with pytest.raises(ConfigError, match="rl.reward"):
+        _config("x", "rl.reward=sometimes")
+
+
+@pytest.fixture(scope="module")
+def rl_run_dir(tmp_path_factory):
+    run_dir = make_prerank_run_dir(tmp_path_factory.mktemp("rl") / "run", max_users=40)
+    write_candidates(run_dir, rows=16, split="train")
+    write_candidates(run_dir, rows=8, seed=1, split="valid")
+    return run_dir
+
+
+def test_pushed_weights_give_the_trainer_models_log_probs(rl_run_dir):
+    """One DAPO step on the HF model, its weights pushed into the live engine: vLLM's log-probabilities of a fixed
+    completion then match the updated HF model's, and differ from before the update."""
+    from rec.model import load_student
+    from rec.rl import DapoLossConfig, completion_logprobs, dapo_loss, policy_batch
+
+    model_dir = rl_run_dir.local_path("models", "midtrain")
+    cfg = _config(rl_run_dir.root, *SMALL, f"init_model={model_dir}")
+    worker = RolloutWorker(rl_run_dir.root, model_dir, cfg.prompt.model_dump(), cfg.eos_token, cfg.model_dump())
+    candidates = rl_run_dir.read_parquet("candidates", "train.parquet").to_pylist()[0]
+    prompts = worker.reranker.prompts
+    _, prompt_ids = prompts.prompt(candidates["history"], candidates["candidates"])
+    sids = prompts.candidate_sids(candidates["candidates"])
+    completion = prompts.tokenizer(format_answer("because", sids[::-1]), add_special_tokens=False)["input_ids"]
+    before = torch.tensor(worker.logprobs(prompt_ids, completion))
+
+    tokenizer, model = load_student(model_dir, dtype=torch.float32)
+    batch = policy_batch([prompt_ids], [completion], tokenizer.pad_token_id)
+    with torch.no_grad():
+        start = completion_logprobs(model, batch)[0][0]
+    assert torch.allclose(start, before, atol=1e-3), (start - before).abs().max()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    logprobs, _ = completion_logprobs(model, batch)
+    loss, _ = dapo_loss(logprobs, logprobs.detach(), torch.tensor([1.0]), batch["completion_mask"],
+                        DapoLossConfig())
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        expected = completion_logprobs(model, batch)[0][0]
+    weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    worker.load_weights(save(weights))
+    after = torch.tensor(worker.logprobs(prompt_ids, completion))
+    assert (after - before).abs().max() > 1e-2, "the engine still answers with the old weights"
+    assert torch.allclose(after, expected, atol=1e-3), (after - expected).abs().max()
+    assert expected.sum() > start.sum()  # the update made the rewarded completion more likely
+
+
+def test_stage_trains_publishes_and_skips_when_finished(rl_run_dir, tmp_path):
+    import ray
+
+    model_dir = rl_run_dir.local_path("models", "midtrain")
+    overrides = [*SMALL, f"init_model={model_dir}", "max_rows=null", "insert_missing_target=false",
+                 "rl.steps=2", "rl.prompts_per_step=2", "rl.samples_per_prompt=4", "rl.eval_every_steps=1",
+                 "rl.eval_rows=4", "train.num_workers=1", "train.batch_size=4", "num_cpus=3"]
+    cfg = _config(rl_run_dir.root, *overrides)
+    try:
+        report = run(cfg)
+    finally:
+        ray.shutdown()
+    out = Path(rl_run_dir.local_path("models", "rl"))
+    assert report["steps"] == 2 and (out / "config.json").is_file() and (out / "rl_curves.png").is_file()
+    assert json.loads((out / "gr2_rerank.json").read_text())["prompt"]["history_token_budget"] == 40
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    for record in log:
+        assert record["kept_group_fraction"] > 0 and record["invalid_rate"] == 0.0  # constrained answers
+        assert {"reward_mean", "identity_rate", "clip_fraction", "entropy", "response_length", "val_ndcg@5",
+                "val_recall@1", "sync_s"} <= set(record)
+    before, after = load_file(f"{model_dir}/model.safetensors"), load_file(out / "model.safetensors")
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert len(changed) == len(before), f"unchanged: {sorted(set(before) - set(changed))}"
+    assert run(cfg) == report  # finished: the rerun skips
+    with pytest.raises(Exception, match="rl"):
+        run(_config(rl_run_dir.root, *overrides, "rl.alpha=0.5"))  # another config into the same output
