@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -127,6 +127,9 @@ class RlConfig(StageConfig):
     num_cpus: int | None = Field(default=None, ge=1)
     """Logical CPUs for a local Ray (null: the trainers' and rollout actors' CPUs + 1)."""
     overwrite: bool = False
+
+    CONCURRENT_SECTIONS: ClassVar[tuple[str, ...]] = ("rollout", "train")
+    """Sections whose Ray resources are held at the same time (rollout actors live while the trainers run)."""
 
     @model_validator(mode="after")
     def _check(self) -> RlConfig:
@@ -293,13 +296,21 @@ def validation(job: RlJob, actors: list) -> dict[str, float]:
     """Greedy re-ranking of the validation rows on the rollout engines: R@1 and N@5 of the target."""
     import ray
 
-    from rec.metrics import ndcg_at_k, recall_at_k
-
     rows = job.eval_rows
     chunks = [rows[i::len(actors)] for i in range(len(actors))]
     rankings = [r for part in ray.get([a.rerank.remote(c) for a, c in zip(actors, chunks) if c]) for r in part]
-    ordered = [row for c in chunks for row in c]
-    ranks = np.array([ranking.index(row["target"]) + 1 for ranking, row in zip(rankings, ordered)])
+    return val_metrics(rankings, [row for c in chunks for row in c])
+
+
+def val_metrics(rankings: list[list[int]], rows: list[dict]) -> dict[str, float]:
+    """R@1 and N@5 of the rows' targets in `rankings`.
+
+    >>> val_metrics([[3, 1, 2], [1, 2, 3]], [{"target": 3}, {"target": 2}])
+    {'val_recall@1': 0.5, 'val_ndcg@5': 0.8154648767857288}
+    """
+    from rec.metrics import ndcg_at_k, recall_at_k
+
+    ranks = np.array([ranking.index(row["target"]) for ranking, row in zip(rankings, rows)])
     return {"val_recall@1": recall_at_k(ranks, 1), "val_ndcg@5": ndcg_at_k(ranks, 5)}
 
 
@@ -448,10 +459,7 @@ def load_rows(run_dir: RunDir, split: str, cfg: RlConfig, max_rows: int | None) 
 
 
 def prerank_reference(rows: list[dict]) -> dict[str, float]:
-    from rec.metrics import ndcg_at_k, recall_at_k
-
-    ranks = np.array([row["candidates"].index(row["target"]) + 1 for row in rows])
-    return {"val_recall@1": recall_at_k(ranks, 1), "val_ndcg@5": ndcg_at_k(ranks, 5)}
+    return val_metrics([row["candidates"] for row in rows], rows)
 
 
 def load_policy(path: str, dtype: str):

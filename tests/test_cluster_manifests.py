@@ -222,7 +222,16 @@ def _quantity(value: Any) -> float:
 
 def stage_demand(cfg: StageConfig) -> tuple[float, float]:
     """(GPUs, CPUs) that the stage asks Ray for, from its config: the largest Ray Train worker group or actor pool
-    (a stage runs them one after another)."""
+    (a stage runs them one after another), except sections a config lists in CONCURRENT_SECTIONS, which run at the
+    same time (the RL stage's rollout actors and trainer workers) and add up."""
+    concurrent = getattr(type(cfg), "CONCURRENT_SECTIONS", ())
+    parts = [_largest_demand(getattr(cfg, name)) for name in concurrent]
+    together = (sum(p[0] for p in parts), sum(p[1] for p in parts))
+    rest = _largest_demand(cfg.model_copy(update={name: None for name in concurrent}))
+    return max(together[0], rest[0]), max(together[1], rest[1])
+
+
+def _largest_demand(cfg: BaseModel) -> tuple[float, float]:
     demands = [(0.0, 0.0)]
     pending: list[Any] = [cfg]
     while pending:
@@ -272,7 +281,8 @@ def test_rayjob_pods_match_the_preset_resources(label: str, doc: dict):
 
 
 @pytest.mark.parametrize("stage,override", [("midtrain", "train.num_workers=16"), ("prerank", "actors=8"),
-                                            ("prerank", "cpus_per_actor=9"), ("sid", "embed.gpus_per_actor=0")])
+                                            ("prerank", "cpus_per_actor=9"), ("sid", "embed.gpus_per_actor=0"),
+                                            ("rl", "rollout.actors=5"), ("rl", "train.num_workers=2")])
 def test_resource_mismatch_is_caught(stage: str, override: str):
     jobs = {Path(label).stem: doc for label, doc in of_kind("RayJob")}
     if stage not in jobs:

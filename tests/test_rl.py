@@ -110,3 +110,36 @@ def test_stage_trains_publishes_and_skips_when_finished(rl_run_dir, tmp_path):
     assert run(cfg) == report  # finished: the rerun skips
     with pytest.raises(Exception, match="rl"):
         run(_config(rl_run_dir.root, *overrides, "rl.alpha=0.5"))  # another config into the same output
+
+
+@pytest.mark.slow
+def test_a_killed_rl_run_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL the stage (driver, its local Ray, trainer and rollout actors) once a checkpoint is registered; the
+    rerun resumes from it (the rollout engines get the checkpoint's weights) and ends at the asked step."""
+    import subprocess
+    import sys
+
+    from stage_process import kill_when
+
+    from pipelines.train_utils import read_trainer_state
+    from rec.io import RunDir
+
+    run_dir = make_prerank_run_dir(tmp_path / "run", max_users=40)
+    write_candidates(run_dir, rows=16, split="train")
+    write_candidates(run_dir, rows=8, seed=1, split="valid")
+    overrides = [f"run_dir={run_dir.root}", *SMALL, f"init_model={run_dir.local_path('models', 'midtrain')}",
+                 "max_rows=null", "insert_missing_target=false", "rl.prompts_per_step=2", "rl.samples_per_prompt=4",
+                 "rl.eval_rows=4", "train.num_workers=1", "train.checkpoint_every_steps=2", "num_cpus=3"]
+    command = [sys.executable, "-m", "pipelines.rl", "--config", str(TINY_YAML), *overrides]
+    snapshot = tmp_path / "run" / "models" / "rl_ckpt" / "checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:
+        return snapshot.exists() and "checkpoint_step_" in snapshot.read_text()
+
+    kill_when([*command, "rl.steps=1000"], registered, "a first checkpoint", tmp_path / "first-run.log")
+    done = subprocess.run([*command, "rl.steps=8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = read_trainer_state(RunDir.open(run_dir.root), "models", "rl")
+    assert state["step"] == 8 and state["resumed_from_step"] >= 2 and state["resumed_from_step"] % 2 == 0
+    log = [json.loads(line) for line in Path(run_dir.local_path("models", "rl", "train_log.jsonl")).read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
