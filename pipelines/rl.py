@@ -184,8 +184,9 @@ class RolloutWorker:
     def sample(self, rows: list[dict], samples: int) -> list[dict]:
         """Per row: {row_id, prompt_ids, samples: [{completion_ids, reward, rank_reward, valid, identity, length}]}.
         A row whose prompt does not fit the engine is skipped (counted by the caller)."""
+        from rec.answer_constraint import RankingConstraint
         from rec.rerank import final_ranking, parse_answer
-        from rec.rl import score_sample
+        from rec.rl import constrained_choices, score_sample
 
         cfg, prompts, generator = self.cfg, self.reranker.prompts, self.reranker.generator
         built = []
@@ -197,16 +198,21 @@ class RolloutWorker:
         answers = generator.generate([b[1] for b in built], [b[2] for b in built], [samples] * len(built),
                                      with_ids=True) if built else []
         groups = []
-        for (row, prompt_ids, _), group in zip(built, answers):
+        for (row, prompt_ids, token_ids), group in zip(built, answers):
             scored = []
             for text, length, completion_ids in group:
+                loss_mask, choices = [1] * len(completion_ids), {}
+                if generator.format is not None:  # sampled under the ranking constraint: the policy's own choices
+                    constraint = RankingConstraint(generator.format, token_ids, cfg.sampling.max_explanation_tokens)
+                    loss_mask, choices = constrained_choices(constraint, completion_ids)
                 parsed = parse_answer(text, prompts.candidate_sids(row["candidates"]))
                 ranking, reason = final_ranking(parsed, row["candidates"])
                 s = score_sample(ranking, reason is None, row["candidates"], row["target"], cfg.rl.reward,
                                  cfg.rl.alpha, length, generator.max_tokens([]) if not cfg.sampling.constrained
                                  else 0, cfg.rl.overlong_buffer, cfg.rl.overlong_factor)
-                scored.append({"completion_ids": completion_ids, "reward": s.reward, "rank_reward": s.rank_reward,
-                               "valid": s.valid, "identity": s.identity, "length": length})
+                scored.append({"completion_ids": completion_ids, "loss_mask": loss_mask, "choices": choices,
+                               "reward": s.reward, "rank_reward": s.rank_reward, "valid": s.valid,
+                               "identity": s.identity, "length": length})
             groups.append({"row_id": row["row_id"], "prompt_ids": prompt_ids, "samples": scored})
         return groups
 
@@ -345,7 +351,7 @@ def policy_update(engine, ref_model, job: RlJob, groups: list[dict], rank: int, 
     cfg = job.cfg
     rewards = torch.tensor([[s["reward"] for s in g["samples"]] for g in groups], dtype=torch.float32)
     advantages = group_advantages(rewards)
-    sequences = [(g["prompt_ids"], s["completion_ids"], float(a))
+    sequences = [(g["prompt_ids"], s["completion_ids"], float(a), s["loss_mask"], s["choices"])
                  for g, row in zip(groups, advantages) for s, a in zip(g["samples"], row)]
     per_rank = len(sequences) // world
     shares = [sequences[r::world][:per_rank] for r in range(world)]
@@ -355,7 +361,8 @@ def policy_update(engine, ref_model, job: RlJob, groups: list[dict], rank: int, 
     totals: dict[str, float] = {}
 
     def batch_of(chunk):
-        b = policy_batch([c[0] for c in chunk], [c[1] for c in chunk], job.pad_id)
+        b = policy_batch([c[0] for c in chunk], [c[1] for c in chunk], job.pad_id, loss_masks=[c[3] for c in chunk],
+                         choices=[c[4] for c in chunk])
         return {k: v.to(device) for k, v in b.items()}, torch.tensor([c[2] for c in chunk], device=device)
 
     mine = shares[rank]
@@ -365,7 +372,7 @@ def policy_update(engine, ref_model, job: RlJob, groups: list[dict], rank: int, 
                if ref_model is not None else None)
     for update in range(updates):
         span = slice(update * per_update, (update + 1) * per_update)
-        tokens_all = sum(len(c[1]) for share in shares for c in share[span])
+        tokens_all = sum(sum(c[3]) for share in shares for c in share[span])  # answer tokens that carry loss
         for i in range(span.start, span.stop, micro):
             batch, adv = batch_of(mine[i:i + micro])
             logprobs, entropy = completion_logprobs(engine, batch, with_entropy=True)

@@ -212,10 +212,38 @@ def score_sample(ranking: Sequence[int], valid: bool, candidates: Sequence[int],
                         identity=valid and list(ranking) == list(candidates), pre=pre, post=post)
 
 
-def policy_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-                 ) -> dict[str, torch.Tensor]:
+def constrained_choices(constraint, completion_ids: Sequence[int]) -> tuple[list[int], dict[int, list[int]]]:
+    """Replay a `rec.answer_constraint.RankingConstraint` over a completion sampled under it: per token, whether
+    the model had a choice (1) or the token was forced (0), and for choices among a few tokens (which candidate
+    comes next) those tokens. The policy's probability of a constrained answer is the product over its choices of
+    p(token) / p(allowed set); forced tokens have probability 1 and carry no gradient. Free text (the explanation)
+    is allowed nearly the whole vocabulary and is left unnormalised.
+
+    >>> class Two:  # a toy constraint: token 5 forced, then a choice between 7 and 8, then anything
+    ...     def allowed(self, out):
+    ...         return [[5], [7, 8]][len(out)] if len(out) < 2 else None
+    >>> constrained_choices(Two(), [5, 8, 1])
+    ([0, 1, 1], {1: [7, 8]})
+    """
+    mask, choices = [], {}
+    for position in range(len(completion_ids)):
+        allowed = constraint.allowed(list(completion_ids[:position]))
+        if isinstance(allowed, list) and len(allowed) == 1:
+            mask.append(0)
+            continue
+        mask.append(1)
+        if isinstance(allowed, list):
+            choices[position] = [int(t) for t in allowed]
+    return mask, choices
+
+
+def policy_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+                 loss_masks: Sequence[Sequence[int]] | None = None,
+                 choices: Sequence[dict[int, list[int]]] | None = None) -> dict[str, torch.Tensor]:
     """Prompt + completion sequences for one forward pass: prompts left-padded to a common end, completions
     right-padded after it, so every completion token sits in the last `completion_ids.shape[1]` positions.
+    `loss_masks` (per completion token, 0 = forced) and `choices` (position -> allowed tokens) come from
+    `constrained_choices` for answers sampled under a constraint.
 
     >>> b = policy_batch([[1, 2], [3]], [[7], [8, 9]], pad_id=0)
     >>> b["input_ids"].tolist(), b["completion_mask"].tolist()
@@ -233,10 +261,21 @@ def policy_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequenc
         masks.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
         comp.append(list(completion) + [pad_id] * right)
         comp_mask.append([1] * len(completion) + [0] * right)
+    if loss_masks is not None:
+        comp_mask = [[m * keep for m, keep in zip(row, list(lm) + [0] * (width_c - len(lm)))]
+                     for row, lm in zip(comp_mask, loss_masks)]
     attention = torch.tensor(masks)
-    return {"input_ids": torch.tensor(rows), "attention_mask": attention,
-            "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
-            "completion_ids": torch.tensor(comp), "completion_mask": torch.tensor(comp_mask)}
+    batch = {"input_ids": torch.tensor(rows), "attention_mask": attention,
+             "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
+             "completion_ids": torch.tensor(comp), "completion_mask": torch.tensor(comp_mask)}
+    if choices is not None and any(choices):
+        width_k = max(len(ids) for row in choices for ids in row.values())
+        choice_ids = torch.full((len(prompts), width_c, width_k), -1, dtype=torch.long)
+        for r, row in enumerate(choices):
+            for position, ids in row.items():
+                choice_ids[r, int(position), : len(ids)] = torch.tensor(ids)
+        batch["choice_ids"] = choice_ids
+    return batch
 
 
 def completion_logprobs(model, batch: dict[str, torch.Tensor], with_entropy: bool = False
@@ -250,6 +289,13 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], with_entropy: boo
     logits = out.logits[:, :-1].float()  # position t predicts token t + 1
     log_probs = torch.log_softmax(logits, dim=-1)
     chosen = log_probs.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    if "choice_ids" in batch:  # renormalise over the allowed set where the constraint left a few tokens
+        ids = batch["choice_ids"]
+        has_choice = (ids >= 0).any(-1)
+        # padding slots gather the chosen token and are pushed to -1e30 (finite: no NaN in the backward pass)
+        safe = torch.where(ids >= 0, ids, batch["completion_ids"].unsqueeze(-1))
+        allowed = log_probs.gather(-1, safe).masked_fill(ids < 0, -1e30)
+        chosen = torch.where(has_choice, chosen - torch.logsumexp(allowed, dim=-1), chosen)
     entropy = None
     if with_entropy:
         with torch.no_grad():

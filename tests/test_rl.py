@@ -31,7 +31,7 @@ def test_batch_shape_is_checked_and_grad_accumulation_derived():
     cfg = _config("x")
     assert cfg.grad_accum_steps == 4 and cfg.rl.reward == "conditional" and cfg.sampling.constrained
     with pytest.raises(ConfigError, match="must split evenly"):
-        _config("x", "rl.prompts_per_step=3")
+        _config("x", "rl.samples_per_prompt=3")
     with pytest.raises(ConfigError, match="clip-higher"):
         _config("x", "rl.eps_high=0.1")
     with pytest.raises(ConfigError, match="rl.reward"):

@@ -75,3 +75,29 @@ def test_dynamic_sampling_fills_the_batch_or_stops_with_advice():
     starved.add(["a"], torch.tensor([[0.0, 0.0]]))
     with pytest.raises(DynamicSamplingError, match="max_gen_batches"):
         starved.add(["b"], torch.tensor([[1.0, 1.0]]))
+
+
+def test_constrained_log_probs_renormalise_over_the_allowed_tokens_and_have_finite_gradients():
+    from rec.rl import completion_logprobs, policy_batch
+
+    class Model(torch.nn.Module):  # logits depend only on a learned table: next-token logits = table[token]
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(logits=self.table[input_ids][:, -logits_to_keep:])
+
+    model = Model()
+    batch = policy_batch([[1, 2], [3]], [[4, 5], [2]], pad_id=0, loss_masks=[[1, 0], [1]],
+                         choices=[{0: [4, 1, 3]}, {}])
+    logprobs, _ = completion_logprobs(model, batch)
+    table = torch.log_softmax(model.table, dim=-1)
+    allowed = torch.logsumexp(table[2, [4, 1, 3]], dim=0)
+    assert torch.allclose(logprobs[0, 0], table[2, 4] - allowed)  # renormalised over the three allowed tokens
+    assert torch.allclose(logprobs[1, 0], table[3, 2])  # free choice: plain log-probability
+    assert batch["completion_mask"].tolist() == [[1, 0], [1, 0]]  # the forced token carries no loss
+    (logprobs * batch["completion_mask"]).sum().backward()
+    assert torch.isfinite(model.table.grad).all()
