@@ -51,6 +51,7 @@ demo: setup
 	$(PY) -m pipelines.sft --config pipelines/configs/$(PRESET)/sft.yaml run_dir=$(RUN_DIR) source=target
 	$(PY) -m pipelines.rl --config pipelines/configs/$(PRESET)/rl.yaml run_dir=$(RUN_DIR)
 	$(PY) -m pipelines.evaluate --config pipelines/configs/$(PRESET)/evaluate.yaml run_dir=$(RUN_DIR)
+	$(PY) -m serving --config serving/configs/$(PRESET).yaml --smoke --port 8765 run_dir=$(RUN_DIR)
 
 # Benchmarks print their tables and write bench/results/*.{json,md}; the midtrain, traces and sft throughput
 # benchmarks need `make demo` first.
@@ -59,6 +60,7 @@ bench: setup
 	$(PY) bench/beam_search.py --batches 3 --vllm
 	$(PY) bench/midtrain_throughput.py --run-dir $(RUN_DIR)
 	$(PY) bench/traces_throughput.py --run-dir $(RUN_DIR)
+	$(PY) bench/serve_load.py --config serving/configs/$(PRESET).yaml --run-dir $(RUN_DIR)
 	$(PY) bench/sft_throughput.py --run-dir $(RUN_DIR)
 
 clean:

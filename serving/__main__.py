@@ -1,6 +1,7 @@
 """Start the two-stage app on a local Ray (or the cluster named by RAY_ADDRESS) and serve until Ctrl-C.
 
     python -m serving --config serving/configs/tiny.yaml [key=value ...] [--host 127.0.0.1] [--port 8000]
+    python -m serving --config serving/configs/tiny.yaml --smoke      # one request, print the answer, stop (demo)
 
 The file is a Ray Serve config file (also usable as `serve run <file>` / `serve deploy <file>`); overrides apply to
 its `applications[0].args` (e.g. `reranker.enabled=false`, `ingress.default_budget_ms=500`). Host and port default
@@ -48,12 +49,30 @@ def start(config_file: str | None, overrides: list[str], host: str | None = None
     return cfg, f"http://{host}:{port}"
 
 
+def smoke(cfg: ServeConfig, url: str) -> None:
+    """One real request to the running app: the first test user's history, re-ranked, with the explanation."""
+    import json
+    import urllib.request
+
+    from rec.io import RunDir
+
+    history = RunDir.open(cfg.resolved_run_dir()).read_parquet("data", "test.parquet").column("history")[0].as_py()
+    body = json.dumps({"history": history, "k": 5, "explain": True}).encode()
+    request = urllib.request.Request(f"{url}/v1/recommend", data=body, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    print(f"POST {url}/v1/recommend {{\"history\": {history}, \"k\": 5, \"explain\": true}}")
+    print(json.dumps(answer, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the two-stage GR2 recommender (Ray Serve).")
     parser.add_argument("--config", default=str(REPO_ROOT / "serving" / "configs" / "tiny.yaml"),
                         help="Serve config file (serving/configs/<preset>.yaml)")
     parser.add_argument("--host", default=None, help="HTTP host (default: the file's http_options.host)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the file's http_options.port)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="send one request (the first test user's history) over HTTP, print the answer, stop")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the app's args")
     args = parser.parse_args(argv)
     setup_env()
@@ -64,6 +83,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {err}\n")
     log.info("serving %s (re-ranker %s) at %s/v1/recommend; docs at %s/docs; Ctrl-C stops", cfg.ranker.model,
              cfg.reranker.model if cfg.reranker.enabled else "off", url, url)
+    if args.smoke:
+        try:
+            smoke(cfg, url)
+        finally:
+            from ray import serve
+
+            serve.shutdown()
+        return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
