@@ -60,6 +60,7 @@ bench: setup
 	$(PY) bench/beam_search.py --batches 3 --vllm
 	$(PY) bench/midtrain_throughput.py --run-dir $(RUN_DIR)
 	$(PY) bench/traces_throughput.py --run-dir $(RUN_DIR)
+	$(PY) bench/ranker_batching.py --run-dir $(RUN_DIR)
 	$(PY) bench/serve_load.py --config serving/configs/$(PRESET).yaml --run-dir $(RUN_DIR)
 	$(PY) bench/sft_throughput.py --run-dir $(RUN_DIR)
 
