@@ -53,11 +53,10 @@ from rec.data import DataError
 from rec.io import RunDir
 from rec.metrics import ranking_metrics, target_ranks
 from rec.rerank import (
-    RERANK_SETTINGS,
     RerankPromptSection,
     RerankSamplingSection,
     eos_token_id,
-    read_rerank_settings,
+    model_rerank_settings,
 )
 
 log = logging.getLogger("gr2.evaluate")
@@ -156,11 +155,7 @@ def resolve_model(run_dir: RunDir, entry: ModelEntry, model_root: str | None = N
 
 def rerank_settings(model: str, cfg: EvaluateConfig) -> tuple[RerankPromptSection, str]:
     """(prompt section, eos token) for `model`: its own `gr2_rerank.json` when it has one, else the config's."""
-    found = read_rerank_settings(str(Path(model) / RERANK_SETTINGS))
-    if found is None:
-        return cfg.prompt, cfg.eos_token
-    prompt, eos = found
-    return prompt, eos or cfg.eos_token
+    return model_rerank_settings(model, cfg.prompt, cfg.eos_token)
 
 
 def rerank_rows(reranker, batch: pa.Table) -> pa.Table:
@@ -227,13 +222,7 @@ def fingerprints(cfg: EvaluateConfig, entry: ModelEntry, model: str | None, prom
 
 
 def finished_fingerprint(run_dir: RunDir, name: str) -> dict | None:
-    import pyarrow.parquet as pq
-
-    if not run_dir.exists("eval", f"rows_{name}.parquet"):
-        return None
-    schema = pq.read_schema(run_dir.path("eval", f"rows_{name}.parquet"), filesystem=run_dir.fs)
-    raw = (schema.metadata or {}).get(META_KEY)
-    return json.loads(raw) if raw else {}
+    return run_dir.parquet_json_metadata(META_KEY, "eval", f"rows_{name}.parquet")
 
 
 def generate(cfg: EvaluateConfig, name: str, model: str, prompt: RerankPromptSection, eos: str, pending: pa.Table,

@@ -161,13 +161,7 @@ def split_fingerprints(cfg: PrerankConfig, model: str) -> dict[str, dict[str, An
 
 
 def _fingerprint_of(run_dir: RunDir, split: str) -> dict | None:
-    import pyarrow.parquet as pq
-
-    if not run_dir.exists("candidates", f"{split}.parquet"):
-        return None
-    schema = pq.read_schema(run_dir.path("candidates", f"{split}.parquet"), filesystem=run_dir.fs)
-    raw = (schema.metadata or {}).get(META_KEY)
-    return json.loads(raw) if raw else {}
+    return run_dir.parquet_json_metadata(META_KEY, "candidates", f"{split}.parquet")
 
 
 def _parts(run_dir: RunDir, split: str, fingerprint: dict) -> Parts:

@@ -46,6 +46,7 @@ from pipelines.train_utils import (
     TrainSection,
     check_previous,
     count_parameters,
+    full_state_dict,
     publish_checkpoint,
     read_train_log,
     read_trainer_state,
@@ -53,7 +54,7 @@ from pipelines.train_utils import (
 )
 from rec.config import ConfigError, Section, StageConfig, config_fingerprint
 from rec.io import RunDir
-from rec.rerank import RERANK_SETTINGS, RerankPromptSection, RerankSamplingSection, read_rerank_settings
+from rec.rerank import RERANK_SETTINGS, RerankPromptSection, RerankSamplingSection, model_rerank_settings
 from rec.rerank import rerank_settings_json as settings_json
 from rec.rl import DynamicSamplingError
 
@@ -327,10 +328,7 @@ def sync_weights(engine, job: RlJob, actors: list, rank: int) -> float:
     from safetensors.torch import save
 
     start = time.perf_counter()
-    if job.cfg.train.zero_stage == 3:
-        weights = engine._zero3_consolidated_16bit_state_dict()  # collective; full weights on rank 0
-    else:
-        weights = engine.module.state_dict() if rank == 0 else None
+    weights = full_state_dict(engine, job.cfg.train.zero_stage, rank)
     if rank == 0:
         # separate contiguous copies: tied weights (lm_head = embeddings) share storage, which safetensors refuses
         blob = save({name: tensor.detach().cpu().contiguous().clone() for name, tensor in weights.items()})
@@ -515,8 +513,7 @@ def run(cfg: RlConfig) -> dict[str, Any]:
     if not (Path(init) / "config.json").is_file():
         raise FileNotFoundError(f"no starting model at {init} (config.json missing); run the sft stage, or set "
                                 "init_model=models/midtrain for RL-zero")
-    found = read_rerank_settings(str(Path(init) / RERANK_SETTINGS))
-    prompt, eos = (found[0], found[1] or cfg.eos_token) if found else (cfg.prompt, cfg.eos_token)
+    prompt, eos = model_rerank_settings(init, cfg.prompt, cfg.eos_token)
     output, ckpt_name = ("models", cfg.output), f"{cfg.output}_ckpt"
     train_rows, train_counts = load_rows(run_dir, "train", cfg, cfg.max_rows)
     eval_rows, eval_counts = load_rows(run_dir, "valid", cfg, cfg.rl.eval_rows)

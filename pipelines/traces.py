@@ -281,13 +281,7 @@ def fingerprints(cfg: TracesConfig, model: str) -> tuple[dict, dict]:
 
 
 def finished_fingerprint(run_dir: RunDir, mode: str) -> dict | None:
-    import pyarrow.parquet as pq
-
-    if not run_dir.exists("traces", f"{mode}.parquet"):
-        return None
-    schema = pq.read_schema(run_dir.path("traces", f"{mode}.parquet"), filesystem=run_dir.fs)
-    raw = (schema.metadata or {}).get(META_KEY)
-    return json.loads(raw) if raw else {}
+    return run_dir.parquet_json_metadata(META_KEY, "traces", f"{mode}.parquet")
 
 
 def sample(cfg: TracesConfig, run_dir: RunDir, model: str, pending: pa.Table, parts: Parts) -> dict[str, float]:

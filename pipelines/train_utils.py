@@ -191,6 +191,13 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (None elsewhere). Call on every rank: ZeRO-3 gathers collectively."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if rank == 0 else None
+
+
 def _save_checkpoint(engine, job: TrainJob, state: dict[str, Any], history: list[dict], metrics: dict) -> None:
     import ray.train
     import torch.distributed as dist
@@ -200,10 +207,7 @@ def _save_checkpoint(engine, job: TrainJob, state: dict[str, Any], history: list
     try:
         # every rank writes its own optimizer shard; rank 0 also the module states
         engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=DS_TAG)
-        if job.train.zero_stage == 3:
-            weights = engine._zero3_consolidated_16bit_state_dict()  # collective; full weights on rank 0
-        else:
-            weights = engine.module.state_dict() if rank == 0 else None
+        weights = full_state_dict(engine, job.train.zero_stage, rank)
         if rank == 0:
             engine.module.save_pretrained(directory, state_dict=weights)
             for name, data in job.extra_files.items():

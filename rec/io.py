@@ -79,6 +79,14 @@ class RunDir:
     def write_parquet(self, table: pa.Table, *parts: str) -> str:
         return self._atomic(parts, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
 
+    def parquet_json_metadata(self, key: bytes, *parts: str) -> dict | None:
+        """The JSON a stage stored under `key` in a Parquet file's schema metadata (its config fingerprint): None
+        when the file does not exist, {} when it has no such key."""
+        if not self.exists(*parts):
+            return None
+        raw = (pq.read_schema(self.path(*parts), filesystem=self.fs).metadata or {}).get(key)
+        return json.loads(raw) if raw else {}
+
     def read_parquet(self, *parts: str) -> pa.Table:
         path = self.path(*parts)
         if not self.exists(*parts):

@@ -292,6 +292,18 @@ def read_rerank_settings(path: str) -> tuple[RerankPromptSection, str | None] | 
         raise ConfigError(f"{file}: not valid re-rank settings: {err}") from None
 
 
+def model_rerank_settings(model_dir: str, prompt: RerankPromptSection, eos_token: str
+                          ) -> tuple[RerankPromptSection, str]:
+    """(prompt section, eos token) a re-ranker checkpoint is prompted with: its own `gr2_rerank.json` when it has
+    one (the prompt it was trained on), else the given defaults (evaluation, RL and serving all ask this)."""
+    from pathlib import Path
+
+    found = read_rerank_settings(str(Path(model_dir) / RERANK_SETTINGS))
+    if found is None:
+        return prompt, eos_token
+    return found[0], found[1] or eos_token
+
+
 def eos_token_id(tokenizer, eos_token: str, model: str) -> int:
     """Id of the token that ends an answer; an error naming the model when its tokenizer lacks it."""
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)

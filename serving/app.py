@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipelines.common import REPO_ROOT, setup_env, setup_logging, start_reranker, start_sid_ranker
 from rec.io import RunDir
-from rec.rerank import RERANK_SETTINGS, catalogue, read_rerank_settings
+from rec.rerank import catalogue, model_rerank_settings
 from serving.config import ServeConfig, load_serve_config
 
 log = logging.getLogger("gr2.serving")
@@ -98,10 +98,7 @@ class ReRanker(_EngineReplica):
         self.cfg = cfg = ServeConfig.model_validate(config)
         r = cfg.reranker
         model = _checkpoint(cfg, r.model, "sft (or rl)")
-        prompt, eos = r.prompt, r.eos_token
-        settings = read_rerank_settings(str(Path(model) / RERANK_SETTINGS))
-        if settings is not None:  # prompted exactly as it was trained
-            prompt, eos = settings[0], settings[1] or eos
+        prompt, eos = model_rerank_settings(model, r.prompt, r.eos_token)  # prompted exactly as it was trained
         run_dir = RunDir.open(cfg.resolved_run_dir())
 
         def build():
