@@ -144,3 +144,64 @@ def test_constraint_rejects_a_token_outside_the_allowed_set(tiny):
 def test_a_pinned_first_candidate_always_leads_the_ranking(tiny):
     for _, result in constrained_answers(tiny, samples=4, first=2, seed=1):
         assert result.valid and result.ranking[0] == 2
+
+
+def test_length_check_refuses_a_reader_that_would_cut_the_trained_answers_and_names_both_fields():
+    from rec.rerank import RerankLengths, RerankPromptSection, RerankSettings, check_lengths, prompt_token_estimate
+
+    prompt = RerankPromptSection(history_token_budget=1024, max_title_chars=120)
+    trained = RerankSettings(prompt, "<|im_end|>", RerankLengths(max_answer_tokens=4096),
+                             source="models/sft_reject/gr2_rerank.json")
+    fits = prompt_token_estimate(prompt) + 4096
+    assert check_lengths(trained, RerankSamplingSection(max_tokens=4096), fits, "serving") == []
+    cut = check_lengths(trained, RerankSamplingSection(max_tokens=1024), fits, "serving",
+                        sampling_field="reranker.sampling", engine_field="reranker.engine")
+    assert len(cut) == 1 and cut[0].startswith("serving reranker.sampling.max_tokens=1024 < "
+                                               "models/sft_reject/gr2_rerank.json lengths.max_answer_tokens=4096 "
+                                               "(trained on)")
+    short = check_lengths(trained, RerankSamplingSection(max_tokens=4096), fits - 1, "rl",
+                          engine_field="rollout.engine")
+    assert len(short) == 1 and short[0].startswith(f"rl rollout.engine.max_model_len={fits - 1} < prompt ~")
+    assert "models/sft_reject/gr2_rerank.json prompt.history_token_budget=1024" in short[0]
+    assert f"raise max_model_len to >= {fits}" in short[0]
+    # a constrained reader's answers are closed by the constraint: max_tokens is not its budget
+    constrained = RerankSamplingSection(max_tokens=16, constrained=True, max_explanation_tokens=8)
+    assert check_lengths(trained, constrained, fits, "evaluate") == []
+    unbounded = RerankSettings(RerankPromptSection(history_token_budget=None))
+    assert "history_token_budget is null" in check_lengths(unbounded, RerankSamplingSection(), 10**6, "x")[0]
+
+
+def test_lengths_travel_in_gr2_rerank_json_and_old_files_stay_readable(tmp_path):
+    from rec.config import ConfigError
+    from rec.rerank import (
+        RERANK_SETTINGS,
+        RerankPromptSection,
+        checked_model_settings,
+        load_model_settings,
+        model_rerank_settings,
+        rerank_settings_json,
+        trained_lengths,
+    )
+
+    prompt = RerankPromptSection(history_token_budget=50, max_title_chars=20)
+    teacher = RerankSamplingSection(max_tokens=300)
+    lengths = trained_lengths(teacher, longest_answer_tokens=250, longest_prompt_tokens=400, max_len=1024)
+    assert (lengths.max_answer_tokens, lengths.teacher_max_tokens, lengths.constrained) == (300, 300, False)
+    # constrained traces: the format fixes the length, the longest answer trained on is the budget
+    assert trained_lengths(RerankSamplingSection(max_tokens=512, constrained=True), 90).max_answer_tokens == 90
+    (tmp_path / RERANK_SETTINGS).write_text(json.dumps(rerank_settings_json(prompt, "<|im_end|>", lengths)))
+    found = load_model_settings(str(tmp_path), RerankPromptSection(), "<eos>")
+    assert found.prompt == prompt and found.lengths == lengths and found.source.endswith(RERANK_SETTINGS)
+    assert model_rerank_settings(str(tmp_path), RerankPromptSection(), "<eos>") == (prompt, "<|im_end|>")
+    with pytest.raises(ConfigError, match=r"x sampling.max_tokens=299 < .*gr2_rerank.json "
+                                          r"lengths.max_answer_tokens=300 \(trained on\)"):
+        checked_model_settings(str(tmp_path), prompt, "<eos>", RerankSamplingSection(max_tokens=299), 4096, "x")
+    old = rerank_settings_json(prompt, "<|im_end|>")  # written before lengths were saved
+    assert "lengths" not in old
+    (tmp_path / RERANK_SETTINGS).write_text(json.dumps(old))
+    found = checked_model_settings(str(tmp_path), RerankPromptSection(), "<eos>", RerankSamplingSection(max_tokens=8),
+                                   4096, "x")
+    assert found.prompt == prompt and found.lengths is None  # unknown: only the engine fit is checked
+    (tmp_path / RERANK_SETTINGS).write_text(json.dumps({**old, "lengths": {"max_answer_tokens": 0}}))
+    with pytest.raises(ConfigError, match="not valid re-rank settings: lengths.max_answer_tokens"):
+        load_model_settings(str(tmp_path), prompt, "<eos>")
