@@ -9,7 +9,9 @@ gradient accumulation, warm-up + cosine LR, eval loss on a held-out slice of row
 with resume, `FailureConfig(max_failures)` so a lost worker restarts from the last checkpoint).
 
 Writes `<run_dir>/models/sft_{source}/` (HF safetensors + tokenizer, loadable by transformers and vLLM) with
-`sft_report.json` and `gr2_rerank.json` (the prompt settings it was trained with; evaluation and serving read them).
+`sft_report.json` and `gr2_rerank.json` (the prompt settings it was trained with, and its lengths: the teacher's
+answer budget and the longest prompt and answer trained on; evaluation, RL and serving read them and refuse a config
+that would cut the answers it learned to write).
 Checkpoints: `<run_dir>/models/sft_{source}_ckpt/`; rerunning the same command resumes or, when finished, skips.
 
 Local:    python -m pipelines.sft --config pipelines/configs/tiny/sft.yaml [source=target]
@@ -43,7 +45,15 @@ from pipelines.train_utils import (
 )
 from rec.config import StageConfig, config_fingerprint
 from rec.io import RunDir
-from rec.rerank import RERANK_SETTINGS, RerankPromptSection, rerank_settings_json
+from pipelines.traces import META_KEY as TRACES_CONFIG_KEY
+from rec.rerank import (
+    RERANK_SETTINGS,
+    RerankLengths,
+    RerankPromptSection,
+    RerankSamplingSection,
+    rerank_settings_json,
+    trained_lengths,
+)
 
 log = logging.getLogger("gr2.sft")
 
@@ -103,7 +113,7 @@ def build_examples(cfg: SftConfig, run_dir: RunDir, tokenizer) -> tuple[list[dic
     accepted = traces.filter(pc.equal(traces.column("accepted"), True))
     builder = PromptBuilder(tokenizer, *catalogue(run_dir), cfg.prompt)
     eos_id = tokenizer.convert_tokens_to_ids(cfg.eos_token)
-    examples, too_long = [], 0
+    examples, too_long, longest_prompt, longest_answer = [], 0, 0, 0
     columns = [accepted.column(c).to_pylist() for c in ("history", "candidates", "completion")]
     for history, candidates, completion in zip(*columns):
         _, prompt_ids = builder.prompt(history, candidates)  # the student never sees the target
@@ -111,12 +121,26 @@ def build_examples(cfg: SftConfig, run_dir: RunDir, tokenizer) -> tuple[list[dic
         if len(example.input_ids) > cfg.max_len:
             too_long += 1
             continue
+        longest_prompt = max(longest_prompt, len(prompt_ids))
+        longest_answer = max(longest_answer, len(example.input_ids) - len(prompt_ids))  # answer + eos
         examples.append({"input_ids": example.input_ids, "labels": example.labels, "weights": example.weights})
     counts = {"trace_rows": traces.num_rows, "accepted_rows": accepted.num_rows, "dropped_too_long": too_long,
-              "examples": len(examples)}
+              "examples": len(examples), "longest_prompt_tokens": longest_prompt,
+              "longest_answer_tokens": longest_answer}
     if not examples:
         raise ValueError(f"{run_dir.path(*path)} has no accepted trace that fits max_len={cfg.max_len}: {counts}")
     return examples, counts
+
+
+def answer_lengths(cfg: SftConfig, run_dir: RunDir, counts: dict[str, int]) -> RerankLengths:
+    """What the model is trained to write (saved in gr2_rerank.json): the teacher's sampling budget, read from the
+    config the traces stage stored in `traces/{source}.parquet` (older files without it: the longest answer trained
+    on), and the longest prompt and answer among the examples."""
+    traces_config = run_dir.parquet_json_metadata(TRACES_CONFIG_KEY, "traces", f"{cfg.source}.parquet") or {}
+    teacher = traces_config.get("sampling")
+    return trained_lengths(RerankSamplingSection.model_validate(teacher) if teacher is not None else None,
+                           longest_answer_tokens=counts["longest_answer_tokens"],
+                           longest_prompt_tokens=counts["longest_prompt_tokens"], max_len=cfg.max_len)
 
 
 def split_eval(examples: list[dict], cfg: SftConfig) -> tuple[list[dict], list[dict]]:
@@ -192,7 +216,8 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     if result.checkpoint is None:
         raise RuntimeError(f"sft: training ended without a checkpoint ({result.error})")
     publish_checkpoint(result.checkpoint, run_dir, *output)
-    run_dir.write_json(rerank_settings_json(cfg.prompt, cfg.eos_token), *output, RERANK_SETTINGS)
+    lengths = answer_lengths(cfg, run_dir, counts)
+    run_dir.write_json(rerank_settings_json(cfg.prompt, cfg.eos_token, lengths), *output, RERANK_SETTINGS)
     state = read_trainer_state(run_dir, *output)
     metrics = result.metrics or {}
     mean_tokens = float(np.mean([len(row["input_ids"]) for row in train_rows]))

@@ -6,6 +6,7 @@ written with rec.rerank.format_answer, target first): the traces-file contract, 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,6 +89,33 @@ def test_loss_mask_covers_exactly_the_assistant_turn(sft_run_dir):
         traces["candidates"].index(traces["target"])
 
 
+def test_the_saved_lengths_hold_the_teachers_budget_and_the_longest_example(sft_run_dir, tmp_path):
+    """The traces stage stores its config in traces/{mode}.parquet; SFT reads the teacher's sampling budget there."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from pipelines.sft import answer_lengths, build_examples
+    from pipelines.traces import META_KEY
+    from rec.io import RunDir
+
+    shutil.copytree(sft_run_dir.root, tmp_path / "run")
+    run_dir = RunDir.open(str(tmp_path / "run"))
+    traces = run_dir.read_parquet("traces", "reject.parquet")
+    sampling = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 300, "constrained": False,
+                "max_explanation_tokens": 64}
+    run_dir.write_parquet(traces.replace_schema_metadata({META_KEY: json.dumps({"sampling": sampling}).encode()}),
+                          "traces", "reject.parquet")
+    cfg = _config(run_dir.root)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir.local_path("models", "midtrain"))
+    examples, counts = build_examples(cfg, run_dir, tokenizer)
+    lengths = answer_lengths(cfg, run_dir, counts)
+    assert 0 < counts["longest_answer_tokens"] < 300 and counts["longest_prompt_tokens"] > 0
+    assert (lengths.max_answer_tokens, lengths.teacher_max_tokens, lengths.constrained) == (300, 300, False)
+    assert lengths.longest_answer_tokens == counts["longest_answer_tokens"] and lengths.max_len == 1024
+    assert max(len(e["input_ids"]) for e in examples) <= counts["longest_prompt_tokens"] + counts["longest_answer_tokens"]
+
+
 def test_weighted_loss_with_unit_weights_is_the_usual_causal_lm_loss():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
@@ -120,7 +148,12 @@ def _train_and_check(run_dir, zero_stage: int) -> dict:
     assert before.keys() == after.keys()
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     assert not unchanged, f"parameters not updated: {unchanged}"
-    assert run_dir.read_json("models", output, "gr2_rerank.json")["prompt"]["history_token_budget"] == 40
+    settings = run_dir.read_json("models", output, "gr2_rerank.json")
+    assert settings["prompt"]["history_token_budget"] == 40
+    # the fixture's traces file has no teacher config: the longest answer trained on is the budget
+    lengths = settings["lengths"]
+    assert lengths["max_answer_tokens"] == lengths["longest_answer_tokens"] == report["longest_answer_tokens"] > 0
+    assert lengths["teacher_max_tokens"] is None and lengths["max_len"] == 1024
     return report
 
 
