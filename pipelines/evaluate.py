@@ -55,7 +55,10 @@ from rec.metrics import ranking_metrics, target_ranks
 from rec.rerank import (
     RerankPromptSection,
     RerankSamplingSection,
+    RerankSettings,
+    check_lengths,
     eos_token_id,
+    load_model_settings,
     model_rerank_settings,
 )
 
@@ -156,6 +159,20 @@ def resolve_model(run_dir: RunDir, entry: ModelEntry, model_root: str | None = N
 def rerank_settings(model: str, cfg: EvaluateConfig) -> tuple[RerankPromptSection, str]:
     """(prompt section, eos token) for `model`: its own `gr2_rerank.json` when it has one, else the config's."""
     return model_rerank_settings(model, cfg.prompt, cfg.eos_token)
+
+
+def check_model_lengths(cfg: EvaluateConfig, models: dict[str, str | None]) -> dict[str, RerankSettings]:
+    """Every checkpoint's settings, checked against this config before any engine starts: a config that allows fewer
+    answer tokens than a model was trained to write (its gr2_rerank.json `lengths`), or an engine too short for the
+    prompt + answer, is refused with one ConfigError naming both fields of every contradiction."""
+    where = {name: f"evaluate (model {name!r})" for name in models}
+    settings = {name: load_model_settings(path, cfg.prompt, cfg.eos_token, config=where[name])
+                for name, path in models.items() if path}
+    problems = [problem for name, found in settings.items()
+                for problem in check_lengths(found, cfg.sampling, cfg.engine.max_model_len, where[name])]
+    if problems:
+        raise ConfigError("evaluate: the config contradicts the models' lengths:\n  " + "\n  ".join(problems))
+    return settings
 
 
 def rerank_rows(reranker, batch: pa.Table) -> pa.Table:
@@ -352,7 +369,8 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict[str, Any]:
     run_dir = RunDir.open(cfg.run_dir)
     # every model is checked before any work, so a typo in the last one does not cost the first ones' runs
     models = {m.name: resolve_model(run_dir, m, cfg.model_root) for m in cfg.models}
-    settings = {name: rerank_settings(path, cfg) if path else (cfg.prompt, cfg.eos_token)
+    checked = check_model_lengths(cfg, models)
+    settings = {name: (checked[name].prompt, checked[name].eos_token) if path else (cfg.prompt, cfg.eos_token)
                 for name, path in models.items()}
     candidates = run_dir.read_parquet("candidates", f"{cfg.split}.parquet")
     rows, dropped = eligible_rows(candidates, cfg)

@@ -96,6 +96,29 @@ def test_a_model_is_prompted_with_the_settings_in_its_gr2_rerank_json(tmp_path):
         rerank_settings(str(model), cfg)
 
 
+def test_a_config_that_would_cut_a_models_trained_answers_is_refused_before_any_work(tmp_path):
+    """The model folder holds only config.json and gr2_rerank.json: the check runs before a row is read or an
+    engine starts, and names both fields."""
+    from rec.rerank import RERANK_SETTINGS, RerankLengths, RerankPromptSection, rerank_settings_json
+
+    model = tmp_path / "run" / "models" / "sft_reject"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    prompt = RerankPromptSection(history_token_budget=400, max_title_chars=80)
+    (model / RERANK_SETTINGS).write_text(json.dumps(rerank_settings_json(
+        prompt, "<|im_end|>", RerankLengths(max_answer_tokens=1024, teacher_max_tokens=1024))))
+    models = ["models=[{name: prerank}, {name: sft_reject, path: models/sft_reject}]", "sampling.constrained=false"]
+    with pytest.raises(ConfigError, match=r"evaluate \(model 'sft_reject'\) sampling.max_tokens=512 < "
+                                          r".*models/sft_reject/gr2_rerank.json lengths.max_answer_tokens=1024 "
+                                          r"\(trained on\)"):
+        run(_config(tmp_path / "run", *models, "sampling.max_tokens=512"))  # no candidates exist: never read
+    with pytest.raises(ConfigError, match=r"evaluate \(model 'sft_reject'\) engine.max_model_len=2048 < prompt "
+                                          r"~1110 \(.*gr2_rerank.json prompt.history_token_budget=400"):
+        run(_config(tmp_path / "run", *models, "sampling.max_tokens=1024"))
+    with pytest.raises(FileNotFoundError, match="candidates/test.parquet"):  # lengths agree: on to the rows
+        run(_config(tmp_path / "run", *models, "sampling.max_tokens=1024", "engine.max_model_len=4096"))
+
+
 def _rows(rankings, valid, reasons, targets, candidates, tokens, inserted) -> pa.Table:
     return pa.table({"target": targets, "candidates": candidates, "ranking": rankings, "valid": valid,
                      "reason": reasons, "generated_tokens": tokens, "target_inserted": inserted})
