@@ -185,6 +185,10 @@ class EngineSection(Section):
     """KV block size; the prefix cache shares whole blocks (CPU attention needs a multiple of 32)."""
     enforce_eager: bool = True
     """No graph capture (CPU needs it; GPUs run faster with false)."""
+    in_process: bool | None = None
+    """Run the engine core in the actor's own process (true) or in vLLM's multi-process engine (false: what GPUs
+    run; every argument then crosses msgpack and the engine reads its environment in a child process). null: in
+    process on CPU (starts in ~2 s instead of ~20 s), multi-process on GPUs."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Any other `vllm.LLM` argument, e.g. {gpu_memory_utilization: 0.8, tensor_parallel_size: 4}."""
 
@@ -218,15 +222,16 @@ def start_engine(engine: EngineSection, model: str, cpus: float, gpus: float, bi
                  **engine_args: Any):
     """A vLLM engine for one Ray actor (a pool actor or a Serve replica), returned as (llm, cores or None, lock).
     CPU actors bind the engine to cores of their own (the lock is held for the actor's life) and run it in-process
-    (starts in ~2 s); GPU actors use vLLM's default engine process and executor, which spreads
-    `tensor_parallel_size` over the actor's GPUs."""
-    from rec.engines import claim_cpu_cores, start_llm
+    (starts in ~2 s) unless `engine.in_process` says otherwise; GPU actors use vLLM's default engine process and
+    executor, which spreads `tensor_parallel_size` over the actor's GPUs."""
+    from rec.engines.vllm_runtime import claim_cpu_cores, start_llm
 
     claim = claim_cpu_cores(max(1, round(cpus))) if bind_cores and gpus == 0 else None
     llm = start_llm(
         model, max_model_len=engine.max_model_len, kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
         dtype=engine.dtype, cpu_cores=claim[0] if claim else None, block_size=engine.block_size,
-        enforce_eager=engine.enforce_eager, in_process=gpus == 0, **{**engine.extra, **engine_args},
+        enforce_eager=engine.enforce_eager,
+        in_process=engine.in_process if engine.in_process is not None else gpus == 0, **{**engine.extra, **engine_args},
     )
     return llm, claim[0] if claim else None, claim[1] if claim else None
 
@@ -239,10 +244,10 @@ def start_actor_engine(cfg: EngineActorsConfig, model: str, **engine_args: Any):
 def start_sid_ranker(run_dir: RunDir, model: str, codebook_size: int, engine: EngineSection, backend: str,
                      num_beams: int, top_n: int, cpus: float, gpus: float, bind_cores: bool = True):
     """The constrained beam-search ranker over `model` and the run's SID map (prerank actors, the serving Ranker):
-    (rec.engines.SidRanker, core lock or None). `backend` is `vllm` or `hf` (the reference, slower)."""
+    (rec.engines.sid_ranker.SidRanker, core lock or None). `backend` is `vllm` or `hf` (the reference, slower)."""
     from transformers import AutoTokenizer
 
-    from rec.engines import SidRanker
+    from rec.engines.sid_ranker import SidRanker
 
     sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
     codes = np.array(sid_map["codes"], dtype=np.int64)
@@ -264,11 +269,11 @@ def start_sid_ranker(run_dir: RunDir, model: str, codebook_size: int, engine: En
 def start_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sampling, engine: EngineSection, cpus: float,
                    gpus: float, bind_cores: bool = True, seed: int = 0, **engine_args: Any):
     """The re-ranker over a vLLM engine for `model` (evaluation actors, the serving ReRanker, RL rollouts):
-    (rec.engines.Reranker, cores or None, core lock or None). `prompt` is a RerankPromptSection, `sampling` a
+    (rec.engines.reranker.Reranker, cores or None, core lock or None). `prompt` is a RerankPromptSection, `sampling` a
     RerankSamplingSection; `engine_args` go to vllm.LLM."""
     from transformers import AutoTokenizer
 
-    from rec.engines import RANKING_PROCESSOR, Reranker, RerankGenerator
+    from rec.engines.reranker import RANKING_PROCESSOR, Reranker, RerankGenerator
     from rec.rerank import PromptBuilder, catalogue, eos_token_id
 
     tokenizer = AutoTokenizer.from_pretrained(model)

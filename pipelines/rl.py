@@ -10,9 +10,13 @@ conditional or unconditional reward, overlong shaping); groups whose rewards are
 are sampled until the batch is full (dynamic sampling, at most `max_gen_batches` batches, then a clear error). All
 workers then compute the answers' log-probabilities and take the DAPO update (`rec.rl.dapo_loss`: group-normalised
 advantages, clip-higher, token-level mean over the whole batch), and the new weights go into the live vLLM engines
-(`rec.engines.push_weights`: safetensors bytes through `collective_rpc` -> `reload_weights`, then the prefix cache
-is reset). Every `eval_every_steps` the rollout engines re-rank a validation slice greedily: R@1, N@5 (with the
-pre-rank order of the same rows as the reference).
+(`pipelines.weight_sync`: layer group by layer group, through safetensors shards on disk or vLLM's NCCL weight
+transfer on GPUs; only control messages cross vLLM's RPC; then the prefix cache is reset). Every `eval_every_steps`
+the rollout engines re-rank a validation slice greedily: R@1, N@5 (with the pre-rank order of the same rows as the
+reference). At the last step trainer rank 0 writes the HF model straight into the output folder.
+
+Code: this file holds the config and the driver; `rl_rollout.py` the rollout actors, `rl_trainer.py` the trainer
+workers' loop, `weight_sync.py` the weight transfer, `rl_report.py` the curves.
 
 Writes `<run_dir>/models/{output}/` (HF safetensors + tokenizer + gr2_rerank.json, loadable by transformers, vLLM,
 evaluation and serving) with `rl_report.json` and `train_log.jsonl` (per step: reward mean, kept-group fraction,
@@ -26,12 +30,10 @@ Cluster:  ray job submit --working-dir . -- python -m pipelines.rl --config pipe
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -41,17 +43,17 @@ import torch
 from pydantic import Field, model_validator
 
 from pipelines.common import EngineSection, exit_on_user_error, init_ray, model_digest, parse_cli
+from pipelines.rl_trainer import RlJob, val_metrics
 from pipelines.traces import eligible_rows
 from pipelines.train_utils import (
     TrainSection,
     check_previous,
     count_parameters,
-    full_state_dict,
-    publish_checkpoint,
     read_train_log,
     read_trainer_state,
     tokenizer_files,
 )
+from pipelines.weight_sync import WeightSyncSection
 from rec.config import ConfigError, Section, StageConfig, config_fingerprint
 from rec.io import RunDir
 from rec.rerank import RERANK_SETTINGS, RerankPromptSection, RerankSamplingSection, model_rerank_settings
@@ -74,6 +76,8 @@ class RolloutSection(Section):
     """GPUs per actor (the engine's tensor_parallel_size on GPUs)."""
     bind_cores: bool = True
     engine: EngineSection = Field(default_factory=EngineSection)
+    weight_sync: WeightSyncSection = Field(default_factory=WeightSyncSection)
+    """How each policy update reaches these engines (files on CPU, nccl on GPUs)."""
 
 
 class DapoSection(Section):
@@ -157,300 +161,6 @@ def resolve(run_dir: RunDir, path: str) -> str:
     return path if path.startswith("/") else run_dir.local_path(*path.split("/"))
 
 
-# ------------------------------------------------------------------------------------------------ rollout actors
-
-
-class RolloutWorker:
-    """A vLLM engine that samples and scores answer groups, re-ranks validation rows greedily, and takes new
-    weights in place. A plain class: the driver makes it a Ray actor."""
-
-    def __init__(self, run_dir: str, model: str, prompt: dict, eos_token: str, cfg: dict[str, Any]):
-        from pipelines.common import setup_logging, start_reranker
-        from rec.engines import WEIGHT_SYNC_EXTENSION, Reranker, RerankGenerator
-
-        setup_logging()
-        self.cfg = cfg = RlConfig.model_validate(cfg)
-        r = cfg.rollout
-        self.reranker, bound, self._core_lock = start_reranker(
-            RunDir.open(run_dir), model, RerankPromptSection.model_validate(prompt), eos_token, cfg.sampling,
-            r.engine, r.cpus_per_actor, r.gpus_per_actor, r.bind_cores, seed=cfg.seed,
-            worker_extension_cls=WEIGHT_SYNC_EXTENSION)
-        sampler = self.reranker.generator
-        self.llm = sampler.llm
-        greedy = cfg.sampling.model_copy(update={"temperature": 0.0})
-        self.greedy = Reranker(self.reranker.prompts, RerankGenerator(sampler.tokenizer, sampler.eos_id, greedy,
-                                                                      llm=self.llm), r.engine.max_model_len)
-        log.info("rollout actor: %s on cores %s", model, bound or "-")
-
-    def sample(self, rows: list[dict], samples: int) -> list[dict]:
-        """Per row: {row_id, prompt_ids, samples: [{completion_ids, reward, rank_reward, valid, identity, length}]}.
-        A row whose prompt does not fit the engine is skipped (counted by the caller)."""
-        from rec.answer_constraint import RankingConstraint
-        from rec.rerank import final_ranking, parse_answer
-        from rec.rl import constrained_choices, score_sample
-
-        cfg, prompts, generator = self.cfg, self.reranker.prompts, self.reranker.generator
-        built = []
-        for row in rows:
-            _, prompt_ids = prompts.prompt(row["history"], row["candidates"])
-            token_ids = prompts.candidate_token_ids(row["candidates"])
-            if len(prompt_ids) + generator.max_tokens(token_ids) <= cfg.rollout.engine.max_model_len:
-                built.append((row, prompt_ids, token_ids))
-        answers = generator.generate([b[1] for b in built], [b[2] for b in built], [samples] * len(built),
-                                     with_ids=True) if built else []
-        groups = []
-        for (row, prompt_ids, token_ids), group in zip(built, answers):
-            scored = []
-            for text, length, completion_ids in group:
-                loss_mask, choices = [1] * len(completion_ids), {}
-                if generator.format is not None:  # sampled under the ranking constraint: the policy's own choices
-                    constraint = RankingConstraint(generator.format, token_ids, cfg.sampling.max_explanation_tokens)
-                    loss_mask, choices = constrained_choices(constraint, completion_ids)
-                parsed = parse_answer(text, prompts.candidate_sids(row["candidates"]))
-                ranking, reason = final_ranking(parsed, row["candidates"])
-                s = score_sample(ranking, reason is None, row["candidates"], row["target"], cfg.rl.reward,
-                                 cfg.rl.alpha, length, generator.max_tokens([]) if not cfg.sampling.constrained
-                                 else 0, cfg.rl.overlong_buffer, cfg.rl.overlong_factor)
-                scored.append({"completion_ids": completion_ids, "loss_mask": loss_mask, "choices": choices,
-                               "reward": s.reward, "rank_reward": s.rank_reward, "valid": s.valid,
-                               "identity": s.identity, "length": length})
-            groups.append({"row_id": row["row_id"], "prompt_ids": prompt_ids, "samples": scored})
-        return groups
-
-    def rerank(self, rows: list[dict]) -> list[list[int]]:
-        """Greedy final rankings (the validation metrics)."""
-        return [r.ranking for r in self.greedy.rerank([r["history"] for r in rows], [r["candidates"] for r in rows])]
-
-    def load_weights(self, blob: bytes) -> None:
-        from rec.engines import push_weights
-
-        push_weights(self.llm, blob)
-
-    def logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-        from rec.engines import completion_logprobs
-
-        return completion_logprobs(self.llm, prompt_ids, completion_ids)
-
-
-# ------------------------------------------------------------------------------------------------ trainer workers
-
-
-@dataclass
-class RlJob:
-    """What `rl_worker` trains; pickled to the Ray Train workers (with the rollout actor handles)."""
-
-    cfg: RlConfig
-    build_model: Any
-    train_rows: list[dict]
-    eval_rows: list[dict]
-    pad_id: int
-    extra_files: dict[str, bytes] = field(default_factory=dict)
-    stage: str = "rl"
-
-    @property
-    def train(self) -> TrainSection:
-        return self.cfg.train.model_copy(update={"grad_accum_steps": self.cfg.grad_accum_steps})
-
-    @property
-    def total_steps(self) -> int:
-        return self.cfg.rl.steps * self.cfg.rl.updates_per_step
-
-
-def next_rows(job: RlJob, cursor: int, count: int) -> list[dict]:
-    """Rows `cursor .. cursor + count` of an endless stream: a fresh seeded shuffle of the training rows per pass."""
-    n = len(job.train_rows)
-    out = []
-    for position in range(cursor, cursor + count):
-        epoch, index = divmod(position, n)
-        order = np.random.default_rng([job.cfg.seed, epoch]).permutation(n)
-        out.append(job.train_rows[int(order[index])])
-    return out
-
-
-def collect(job: RlJob, actors: list, cursor: int) -> tuple[list[dict], dict[str, float], int]:
-    """Rollouts until `prompts_per_step` informative groups are found (rank 0): (groups, stats, new cursor)."""
-    import ray
-
-    from rec.rl import DynamicBatch
-
-    rl = job.cfg.rl
-    batch = DynamicBatch(target_groups=rl.prompts_per_step, max_gen_batches=rl.max_gen_batches)
-    samples, skipped = [], 0
-    while not batch.full:
-        rows = next_rows(job, cursor, rl.prompts_per_step)
-        cursor += len(rows)
-        chunks = [rows[i::len(actors)] for i in range(len(actors))]
-        groups = [g for part in ray.get([a.sample.remote(c, rl.samples_per_prompt) for a, c in zip(actors, chunks)
-                                         if c]) for g in part]
-        skipped += len(rows) - len(groups)
-        samples += [s for g in groups for s in g["samples"]]
-        rewards = torch.tensor([[s["reward"] for s in g["samples"]] for g in groups], dtype=torch.float64)
-        batch.add(groups, rewards.reshape(len(groups), rl.samples_per_prompt))
-    stats = {
-        "reward_mean": float(np.mean([s["reward"] for s in samples])),
-        "rank_reward_mean": float(np.mean([s["rank_reward"] for s in samples])),
-        "kept_group_fraction": batch.kept_fraction,
-        "identity_rate": float(np.mean([s["identity"] for s in samples])),
-        "invalid_rate": float(np.mean([not s["valid"] for s in samples])),
-        "response_length": float(np.mean([s["length"] for s in samples])),
-        "gen_batches": batch.generated_batches,
-        "rows_too_long": skipped,
-    }
-    return batch.groups[: rl.prompts_per_step], stats, cursor
-
-
-def validation(job: RlJob, actors: list) -> dict[str, float]:
-    """Greedy re-ranking of the validation rows on the rollout engines: R@1 and N@5 of the target."""
-    import ray
-
-    rows = job.eval_rows
-    chunks = [rows[i::len(actors)] for i in range(len(actors))]
-    rankings = [r for part in ray.get([a.rerank.remote(c) for a, c in zip(actors, chunks) if c]) for r in part]
-    return val_metrics(rankings, [row for c in chunks for row in c])
-
-
-def val_metrics(rankings: list[list[int]], rows: list[dict]) -> dict[str, float]:
-    """R@1 and N@5 of the rows' targets in `rankings`.
-
-    >>> val_metrics([[3, 1, 2], [1, 2, 3]], [{"target": 3}, {"target": 2}])
-    {'val_recall@1': 0.5, 'val_ndcg@5': 0.8154648767857288}
-    """
-    from rec.metrics import ndcg_at_k, recall_at_k
-
-    ranks = np.array([ranking.index(row["target"]) for ranking, row in zip(rankings, rows)])
-    return {"val_recall@1": recall_at_k(ranks, 1), "val_ndcg@5": ndcg_at_k(ranks, 5)}
-
-
-def sync_weights(engine, job: RlJob, actors: list, rank: int) -> float:
-    """The policy's full weights into every rollout engine (ZeRO-3 gathers them collectively); seconds taken."""
-    import ray
-    import torch.distributed as dist
-    from safetensors.torch import save
-
-    start = time.perf_counter()
-    weights = full_state_dict(engine, job.cfg.train.zero_stage, rank)
-    if rank == 0:
-        # separate contiguous copies: tied weights (lm_head = embeddings) share storage, which safetensors refuses
-        blob = save({name: tensor.detach().cpu().contiguous().clone() for name, tensor in weights.items()})
-        ray.get([a.load_weights.remote(blob) for a in actors])
-    dist.barrier()
-    return time.perf_counter() - start
-
-
-def policy_update(engine, ref_model, job: RlJob, groups: list[dict], rank: int, world: int, device
-                  ) -> dict[str, float]:
-    """DAPO on one rollout batch: every rank takes its share of the sequences, `updates_per_step` optimizer steps.
-
-    The loss of each micro-batch is rescaled so that, after DeepSpeed divides by the accumulation steps and
-    averages over ranks, the gradient is that of the token-level mean over every answer token of the mini-batch.
-    """
-    from rec.rl import DapoLossConfig, completion_logprobs, dapo_loss, group_advantages, policy_batch
-
-    cfg = job.cfg
-    rewards = torch.tensor([[s["reward"] for s in g["samples"]] for g in groups], dtype=torch.float32)
-    advantages = group_advantages(rewards)
-    sequences = [(g["prompt_ids"], s["completion_ids"], float(a), s["loss_mask"], s["choices"])
-                 for g, row in zip(groups, advantages) for s, a in zip(g["samples"], row)]
-    per_rank = len(sequences) // world
-    shares = [sequences[r::world][:per_rank] for r in range(world)]
-    updates, micro = cfg.rl.updates_per_step, cfg.train.batch_size
-    per_update = per_rank // updates
-    loss_cfg = DapoLossConfig(eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high, kl_coef=cfg.rl.kl_coef)
-    totals: dict[str, float] = {}
-
-    def batch_of(chunk):
-        b = policy_batch([c[0] for c in chunk], [c[1] for c in chunk], job.pad_id, loss_masks=[c[3] for c in chunk],
-                         choices=[c[4] for c in chunk])
-        return {k: v.to(device) for k, v in b.items()}, torch.tensor([c[2] for c in chunk], device=device)
-
-    mine = shares[rank]
-    with torch.no_grad():  # the policy that sampled (before this step's updates)
-        old = [completion_logprobs(engine, batch_of(mine[i:i + micro])[0])[0] for i in range(0, per_rank, micro)]
-        ref = ([completion_logprobs(ref_model, batch_of(mine[i:i + micro])[0])[0] for i in range(0, per_rank, micro)]
-               if ref_model is not None else None)
-    for update in range(updates):
-        span = slice(update * per_update, (update + 1) * per_update)
-        tokens_all = sum(sum(c[3]) for share in shares for c in share[span])  # answer tokens that carry loss
-        for i in range(span.start, span.stop, micro):
-            batch, adv = batch_of(mine[i:i + micro])
-            logprobs, entropy = completion_logprobs(engine, batch, with_entropy=True)
-            mask = batch["completion_mask"]
-            loss, stats = dapo_loss(logprobs, old[i // micro], adv, mask, loss_cfg,
-                                    ref[i // micro] if ref is not None else None)
-            scale = float(mask.sum()) / max(tokens_all, 1) * job.train.grad_accum_steps * world
-            engine.backward(loss * scale)
-            engine.step()
-            tokens = float(mask.sum())
-            for key, value in {**stats, "loss": float(loss),
-                               "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1))}.items():
-                totals[key] = totals.get(key, 0.0) + value * tokens
-            totals["_tokens"] = totals.get("_tokens", 0.0) + tokens
-    return {k: v / max(totals["_tokens"], 1.0) for k, v in totals.items() if k != "_tokens"} | {
-        "trained_tokens": totals["_tokens"]}
-
-
-def rl_worker(config: dict[str, Any]) -> None:
-    """Per trainer worker: build the policy in DeepSpeed, (resume,) then rollout -> update -> sync per step."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-
-    from pipelines.common import setup_logging
-    from pipelines.train_utils import _peak_memory_mb, _restore, _save_checkpoint, init_engine
-
-    setup_logging()
-    job: RlJob = config["job"]
-    actors = config["actors"]
-    train, rl = job.train, job.cfg.rl
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if not train.use_gpu:
-        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    engine = init_engine(train, job.build_model, job.total_steps, job.cfg.seed)
-    ref_model = job.build_model().to(device).eval() if rl.kl_coef > 0 else None
-    state, history = _restore(engine, job, world)
-    state.setdefault("cursor", 0)
-    step = state["step"] // rl.updates_per_step
-    if step > 0:
-        sync_weights(engine, job, actors, rank)  # the rollout engines started from init_model
-    while step < rl.steps:
-        started = time.perf_counter()
-        payload = [None, None, None]
-        if rank == 0:
-            payload = list(collect(job, actors, state["cursor"]))
-        dist.broadcast_object_list(payload, src=0)
-        groups, gen_stats, state["cursor"] = payload
-        rollout_s = time.perf_counter() - started
-        update = policy_update(engine, ref_model, job, groups, rank, world, device)
-        step += 1
-        state["step"] = step * rl.updates_per_step
-        sync_s = sync_weights(engine, job, actors, rank)
-        record = {"step": step, **gen_stats, **update, "lr": engine.get_lr()[0], "rollout_s": round(rollout_s, 2),
-                  "sync_s": round(sync_s, 3), "step_s": round(time.perf_counter() - started, 2)}
-        peak = torch.tensor([_peak_memory_mb(train.use_gpu)], dtype=torch.float64)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        record["peak_memory_mb"] = float(peak[0])
-        last = step >= rl.steps
-        if rank == 0 and (step == 1 or step % rl.eval_every_steps == 0 or last):
-            record.update(validation(job, actors))
-        history.append(record)
-        if rank == 0:
-            log.info("rl step %d/%d reward %.3f kept %.2f identity %.2f invalid %.2f clip %.3f entropy %.3f "
-                     "length %.0f%s (%.1f s)", step, rl.steps, record["reward_mean"], record["kept_group_fraction"],
-                     record["identity_rate"], record["invalid_rate"], record["clip_fraction"], record["entropy"],
-                     record["response_length"],
-                     f" val R@1 {record['val_recall@1']:.3f} N@5 {record['val_ndcg@5']:.3f}"
-                     if "val_ndcg@5" in record else "", record["step_s"])
-        if step % train.checkpoint_every_steps == 0 or last:
-            _save_checkpoint(engine, job, dict(state, world_size=world), history, record)
-        else:
-            ray.train.report(record)
-
-
-# ------------------------------------------------------------------------------------------------ driver
-
-
 def load_rows(run_dir: RunDir, split: str, cfg: RlConfig, max_rows: int | None) -> tuple[list[dict], dict]:
     path = ("candidates", f"{split}.parquet")
     if not run_dir.exists(*path):
@@ -471,34 +181,6 @@ def load_policy(path: str, dtype: str):
     from rec.model import load_student
 
     return load_student(path, dtype=getattr(torch, dtype))[1]
-
-
-def plot(history: list[dict], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(steps, [r["reward_mean"] for r in history], label="reward")
-    axes[0].plot(steps, [r["rank_reward_mean"] for r in history], label="rank reward")
-    axes[1].plot(steps, [r["identity_rate"] for r in history], label="identity rate")
-    axes[1].plot(steps, [r["kept_group_fraction"] for r in history], label="kept groups")
-    axes[1].plot(steps, [r["invalid_rate"] for r in history], label="invalid rate")
-    evals = [r for r in history if "val_ndcg@5" in r]
-    axes[2].plot([r["step"] for r in evals], [r["val_ndcg@5"] for r in evals], marker="o", label="val N@5")
-    axes[2].plot([r["step"] for r in evals], [r["val_recall@1"] for r in evals], marker="o", label="val R@1")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def run(cfg: RlConfig) -> dict[str, Any]:
@@ -531,6 +213,10 @@ def run(cfg: RlConfig) -> dict[str, Any]:
 
     r, t = cfg.rollout, cfg.train
     init_ray(cfg.num_cpus or int(np.ceil(r.actors * r.cpus_per_actor + t.num_workers * t.cpus_per_worker)) + 1)
+    from pipelines.rl_report import plot
+    from pipelines.rl_rollout import RolloutWorker
+    from pipelines.rl_trainer import rl_worker
+
     actor_cls = ray.remote(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor)(RolloutWorker)
     actors = [actor_cls.remote(cfg.run_dir, init, prompt.model_dump(mode="json"), eos, cfg.model_dump(mode="json"))
               for _ in range(r.actors)]
@@ -539,8 +225,9 @@ def run(cfg: RlConfig) -> dict[str, Any]:
                 extra_files=tokenizer_files(tokenizer) | {
                     RERANK_SETTINGS: json.dumps(settings_json(prompt, eos), indent=2).encode()})
     trainer = TorchTrainer(
-        rl_worker, train_loop_config={"job": job, "actors": actors},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        rl_worker, train_loop_config={"job": job, "actors": actors,
+                                      "tp_sizes": [int(r.engine.extra.get("tensor_parallel_size", 1))] * r.actors},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=t.process_group_timeout_s),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=ckpt_name, storage_path=run_dir.path("models"), storage_filesystem=run_dir.fs,
@@ -559,7 +246,8 @@ def run(cfg: RlConfig) -> dict[str, Any]:
             ray.kill(actor)
     if result.checkpoint is None:
         raise RuntimeError(f"rl: training ended without a checkpoint ({result.error})")
-    publish_checkpoint(result.checkpoint, run_dir, *output)
+    if read_trainer_state(run_dir, *output) is None:  # the last step's trainer writes the model (rl_trainer)
+        raise RuntimeError(f"rl: training ended without writing {run_dir.path(*output)}")
     history = read_train_log(run_dir, *output)
     evals = [h for h in history if "val_ndcg@5" in h]
     run_dir.write_bytes(plot(history, f"RL ({cfg.rl.reward} reward) from {Path(init).name}"), *output, "rl_curves.png")

@@ -11,7 +11,8 @@ Ray Train into `<storage>/<name>/checkpoint_.../`: rank 0 writes a complete HF c
 tokenizer), `trainer_state.json` and `train_log.jsonl`; every rank writes its DeepSpeed shard under `deepspeed/`
 (optimizer and scheduler state, so a resumed run continues exactly where it stopped). A rerun with the same
 storage and name resumes from the latest checkpoint (Ray Train V2 restores its checkpoint manager from storage).
-`publish_checkpoint` copies the HF files (not the DeepSpeed shards) of a checkpoint to a stage's output folder.
+`publish_checkpoint` copies the HF files (not the DeepSpeed shards) of a checkpoint to a stage's output folder;
+the RL stage publishes straight from the trainer instead (`save_checkpoint(..., publish_to=...)`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class TrainSection(Section):
     """Rows in each worker's local shuffle buffer, reseeded every epoch (0: keep the order)."""
     max_failures: int = Field(default=0, ge=-1)
     """Worker-group restarts Ray Train attempts after a crash (each resumes from the latest checkpoint)."""
+    process_group_timeout_s: int = Field(default=1800, ge=60)
+    """Seconds a collective (gloo/NCCL) may wait before the run fails: longer than the longest stretch in which some
+    ranks wait for others (RL: ranks 1..N wait while rank 0 runs a rollout batch and validation)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of keeping them (HF models): far less memory for
     long sequences, ~30 % more compute."""
@@ -198,7 +202,11 @@ def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tenso
     return engine.module.state_dict() if rank == 0 else None
 
 
-def _save_checkpoint(engine, job: TrainJob, state: dict[str, Any], history: list[dict], metrics: dict) -> None:
+def save_checkpoint(engine, job: TrainJob, state: dict[str, Any], history: list[dict], metrics: dict,
+                    publish_to: tuple[RunDir, tuple[str, ...]] | None = None) -> None:
+    """A resumable checkpoint through Ray Train (call on every rank). With `publish_to` (the last step), rank 0 also
+    writes the HF files it just saved straight into that run-dir folder, so the stage's model is never copied back
+    out of the checkpoint (whose DeepSpeed shards hold ~12 bytes of optimizer state per parameter)."""
     import ray.train
     import torch.distributed as dist
 
@@ -217,6 +225,8 @@ def _save_checkpoint(engine, job: TrainJob, state: dict[str, Any], history: list
                 json.dump(state, out, indent=2)
             with open(os.path.join(directory, TRAIN_LOG), "w") as out:
                 out.writelines(json.dumps(record) + "\n" for record in history)
+            if publish_to is not None:
+                publish_directory(directory, publish_to[0], *publish_to[1])
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -226,7 +236,7 @@ def _save_checkpoint(engine, job: TrainJob, state: dict[str, Any], history: list
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _restore(engine, job: TrainJob, world_size: int) -> tuple[dict[str, Any], list[dict]]:
+def restore(engine, job: TrainJob, world_size: int) -> tuple[dict[str, Any], list[dict]]:
     import ray.train
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "world_size": world_size}
@@ -250,7 +260,7 @@ def _restore(engine, job: TrainJob, world_size: int) -> tuple[dict[str, Any], li
     return state, history
 
 
-def _peak_memory_mb(use_gpu: bool) -> float:
+def peak_memory_mb(use_gpu: bool) -> float:
     """This worker's peak memory so far: CUDA allocations on GPU, the process's peak resident set on CPU."""
     if use_gpu:
         return torch.cuda.max_memory_allocated() / 2**20
@@ -328,7 +338,7 @@ def train_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     device = ray.train.torch.get_device()
     engine = init_engine(train, job.build_model, job.total_steps, job.seed)
-    state, history = _restore(engine, job, world_size)
+    state, history = restore(engine, job, world_size)
     shard = ray.train.get_dataset_shard("train")
     collate_fn = _numpy_collate(job.collate_fn)
 
@@ -367,7 +377,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 dist.all_reduce(totals)
                 elapsed = time.perf_counter() - window_start
                 state["tokens"] += int(totals[2])
-                peak = torch.tensor([_peak_memory_mb(train.use_gpu)], dtype=torch.float64)
+                peak = torch.tensor([peak_memory_mb(train.use_gpu)], dtype=torch.float64)
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 record = {
                     "step": step,
@@ -390,7 +400,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     )
                 window.zero_()
                 if step % train.checkpoint_every_steps == 0 or last:
-                    _save_checkpoint(engine, job, dict(state, world_size=world_size), history, record)
+                    save_checkpoint(engine, job, dict(state, world_size=world_size), history, record)
                 else:
                     ray.train.report(record)
                 window_start = time.perf_counter()  # throughput excludes logging and checkpointing
@@ -414,7 +424,7 @@ def fit(job: TrainJob, dataset, storage_path: str, name: str, storage_filesystem
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo", timeout_s=train.process_group_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
@@ -470,22 +480,35 @@ def count_parameters(run_dir: RunDir, *parts: str) -> int | None:
 
 
 def publish_checkpoint(checkpoint, run_dir: RunDir, *parts: str) -> str:
-    """Copy a checkpoint's HF files (weights, config, tokenizer, logs; not the DeepSpeed shards) to `parts`.
+    """Copy a checkpoint's HF files (weights, config, tokenizer, logs) to `parts`, reading them straight from the
+    checkpoint's storage: the DeepSpeed shards (optimizer state) are never downloaded."""
+    import pyarrow.fs as pafs
 
-    The copy goes to a temporary sibling first and is then renamed into place, so readers never see a half
-    written model; an older model there is replaced.
-    """
+    fs, root = checkpoint.filesystem, checkpoint.path
+    files = [info.path for info in fs.get_file_info(pafs.FileSelector(root)) if info.type == pafs.FileType.File]
+    return _publish_files(fs, files, run_dir, *parts)
+
+
+def publish_directory(directory: str, run_dir: RunDir, *parts: str) -> str:
+    """Copy a local folder's HF files (not its DeepSpeed shards) to `parts` of the run dir (see `_publish_files`)."""
+    import pyarrow.fs as pafs
+
+    files = [os.path.join(directory, name) for name in sorted(os.listdir(directory))
+             if name != DEEPSPEED_DIR and os.path.isfile(os.path.join(directory, name))]
+    return _publish_files(pafs.LocalFileSystem(), files, run_dir, *parts)
+
+
+def _publish_files(fs, files: list[str], run_dir: RunDir, *parts: str) -> str:
+    """The files into a temporary sibling of `parts`, then renamed into place, so readers never see a half written
+    model; an older model there is replaced."""
     target = run_dir.path(*parts)
     parent, leaf = target.rsplit("/", 1)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{leaf}"
     run_dir.fs.create_dir(tmp, recursive=True)
-    with checkpoint.as_directory() as directory:
-        for name in sorted(os.listdir(directory)):
-            source = os.path.join(directory, name)
-            if name == DEEPSPEED_DIR or not os.path.isfile(source):
-                continue
-            with open(source, "rb") as src, run_dir.fs.open_output_stream(f"{tmp}/{name}") as out:
-                shutil.copyfileobj(src, out, length=16 << 20)
+    for source in sorted(files):
+        name = source.rstrip("/").rsplit("/", 1)[-1]
+        with fs.open_input_stream(source) as src, run_dir.fs.open_output_stream(f"{tmp}/{name}") as out:
+            shutil.copyfileobj(src, out, length=16 << 20)
     old = None
     if run_dir.exists(*parts):
         old = f"{parent}/.old-{uuid.uuid4().hex}-{leaf}"

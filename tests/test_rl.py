@@ -10,10 +10,10 @@ import pytest
 import torch
 from beam_fixtures import make_prerank_run_dir
 from prerank_candidates import write_candidates
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from pipelines.common import REPO_ROOT
-from pipelines.rl import RlConfig, RolloutWorker, run
+from pipelines.rl import RlConfig, run
 from rec.config import ConfigError, load_config
 from rec.rerank import format_answer
 
@@ -46,41 +46,51 @@ def rl_run_dir(tmp_path_factory):
     return run_dir
 
 
-def test_pushed_weights_give_the_trainer_models_log_probs(rl_run_dir):
-    """One DAPO step on the HF model, its weights pushed into the live engine: vLLM's log-probabilities of a fixed
-    completion then match the updated HF model's, and differ from before the update."""
+def test_out_of_process_engine_takes_pushed_weights_and_matches_hf(rl_run_dir, ray_cluster):
+    """The GPU topology on CPU: the rollout engine runs in vLLM's multi-process engine inside a Ray actor, and new
+    weights reach it the way the trainer sends them (`WeightPusher`, files backend: one layer group per shard, only
+    file names through vLLM's RPC). Afterwards its log-probabilities of a fixed completion and its greedy
+    re-rankings are the updated HF model's, and differ from before."""
+    import ray
+
+    from pipelines.rl_rollout import RolloutWorker
+    from pipelines.weight_sync import PolicyWeights, WeightPusher
+    from rec.engines.reranker import Reranker, RerankGenerator
     from rec.model import load_student
-    from rec.rl import DapoLossConfig, completion_logprobs, dapo_loss, policy_batch
+    from rec.rerank import PromptBuilder, catalogue, eos_token_id
+    from rec.rl import completion_logprobs, policy_batch
 
     model_dir = rl_run_dir.local_path("models", "midtrain")
-    cfg = _config(rl_run_dir.root, *SMALL, f"init_model={model_dir}")
-    worker = RolloutWorker(rl_run_dir.root, model_dir, cfg.prompt.model_dump(), cfg.eos_token, cfg.model_dump())
-    candidates = rl_run_dir.read_parquet("candidates", "train.parquet").to_pylist()[0]
-    prompts = worker.reranker.prompts
-    _, prompt_ids = prompts.prompt(candidates["history"], candidates["candidates"])
-    sids = prompts.candidate_sids(candidates["candidates"])
-    completion = prompts.tokenizer(format_answer("because", sids[::-1]), add_special_tokens=False)["input_ids"]
-    before = torch.tensor(worker.logprobs(prompt_ids, completion))
-
+    cfg = _config(rl_run_dir.root, *SMALL, f"init_model={model_dir}", "rollout.engine.in_process=false")
+    actor = ray.remote(num_cpus=1)(RolloutWorker).remote(rl_run_dir.root, model_dir, cfg.prompt.model_dump(),
+                                                          cfg.eos_token, cfg.model_dump())
+    assert ray.get(actor.out_of_process.remote())
+    rows = rl_run_dir.read_parquet("candidates", "train.parquet").to_pylist()[:4]
     tokenizer, model = load_student(model_dir, dtype=torch.float32)
+    greedy_hf = RerankGenerator(tokenizer, eos_token_id(tokenizer, cfg.eos_token, model_dir),
+                                cfg.sampling.model_copy(update={"temperature": 0.0}), model=model)
+    hf = Reranker(PromptBuilder(tokenizer, *catalogue(rl_run_dir), cfg.prompt), greedy_hf,
+                  cfg.rollout.engine.max_model_len)
+    _, prompt_ids = hf.prompts.prompt(rows[0]["history"], rows[0]["candidates"])
+    sids = hf.prompts.candidate_sids(rows[0]["candidates"])
+    completion = tokenizer(format_answer("because", sids[::-1]), add_special_tokens=False)["input_ids"]
     batch = policy_batch([prompt_ids], [completion], tokenizer.pad_token_id)
+    before = torch.tensor(ray.get(actor.logprobs.remote(prompt_ids, completion)))
     with torch.no_grad():
-        start = completion_logprobs(model, batch)[0][0]
-    assert torch.allclose(start, before, atol=1e-3), (start - before).abs().max()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    logprobs, _ = completion_logprobs(model, batch)
-    loss, _ = dapo_loss(logprobs, logprobs.detach(), torch.tensor([1.0]), batch["completion_mask"],
-                        DapoLossConfig())
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
+        assert torch.allclose(completion_logprobs(model, batch)[0][0], before, atol=1e-3)
+        generator = torch.Generator().manual_seed(0)
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
         expected = completion_logprobs(model, batch)[0][0]
-    weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    worker.load_weights(save(weights))
-    after = torch.tensor(worker.logprobs(prompt_ids, completion))
+
+    pushed = WeightPusher(cfg.rollout.weight_sync, [actor], rank=0).push(PolicyWeights(model, zero_stage=0, rank=0))
+    assert pushed["tensors"] == len(dict(model.named_parameters(remove_duplicate=False)))  # tied head included
+    after = torch.tensor(ray.get(actor.logprobs.remote(prompt_ids, completion)))
     assert (after - before).abs().max() > 1e-2, "the engine still answers with the old weights"
     assert torch.allclose(after, expected, atol=1e-3), (after - expected).abs().max()
-    assert expected.sum() > start.sum()  # the update made the rewarded completion more likely
+    greedy = ray.get(actor.rerank.remote(rows))
+    assert greedy == [r.ranking for r in hf.rerank([r["history"] for r in rows], [r["candidates"] for r in rows])]
+    ray.kill(actor)
 
 
 def test_stage_trains_publishes_and_skips_when_finished(rl_run_dir, tmp_path):

@@ -1,0 +1,200 @@
+"""The re-ranker (teacher traces, evaluation, RL rollouts, the serving ReRanker): history + candidates -> prompt
+-> answer -> final ranking, on a vLLM engine or an HF model (the reference), optionally under the ranking constraint
+(`rec.answer_constraint`, applied inside vLLM by `RankingLogitsProcessor`, a V1 logits processor loaded by its
+qualified name `RANKING_PROCESSOR` in the engine process). vLLM is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+RANKING_ARGS = "gr2_ranking"
+RANKING_PROCESSOR = "rec.engines.reranker:RankingLogitsProcessor"
+"""Pass to `start_llm(..., logits_processors=[RANKING_PROCESSOR])`; requests opt in with `ranking_extra_args`."""
+
+
+def ranking_extra_args(candidate_token_ids: Sequence[Sequence[int]], max_explanation_tokens: int, eos_id: int,
+                       first: int | None = None) -> dict:
+    """`SamplingParams(extra_args=...)` that constrains one request's answer to a ranking of these candidates
+    (starting with candidate `first` when given)."""
+    return {RANKING_ARGS: {"candidates": [list(map(int, c)) for c in candidate_token_ids],
+                           "max_explanation_tokens": int(max_explanation_tokens), "eos_id": int(eos_id),
+                           "first": first}}
+
+
+def _ranking_logits_processor_class():
+    """vLLM's per-request adapter around `rec.answer_constraint.RankingConstraint` (built on first use, so that
+    importing rec.engines does not import vLLM)."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    from rec.answer_constraint import RankingAnswerFormat, RankingConstraint
+
+    class RankingLogitsProcessor(AdapterLogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            super().__init__(vllm_config, device, is_pin_memory)
+            tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
+            self.base_format = RankingAnswerFormat.from_tokenizer(tokenizer)
+            self.formats: dict[int, RankingAnswerFormat] = {}
+
+        @classmethod
+        def validate_params(cls, params) -> None:
+            args = (params.extra_args or {}).get(RANKING_ARGS)
+            if args is not None and not args.get("candidates"):
+                raise ValueError(f"extra_args[{RANKING_ARGS!r}] needs a non-empty 'candidates' list")
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes which token is most likely
+
+        def new_req_logits_processor(self, params):
+            args = (params.extra_args or {}).get(RANKING_ARGS)
+            if args is None:
+                return None
+            eos = int(args["eos_id"])
+            fmt = self.formats.setdefault(eos, dataclasses.replace(self.base_format, eos_id=eos))
+            constraint = RankingConstraint(fmt, args["candidates"], int(args["max_explanation_tokens"]),
+                                           first=args.get("first"))
+            return constraint.apply
+
+    RankingLogitsProcessor.__module__ = __name__
+    return RankingLogitsProcessor
+
+
+def __getattr__(name: str):
+    if name == "RankingLogitsProcessor":
+        cls = _ranking_logits_processor_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+
+class RerankGenerator:
+    """Re-rank answers for prompts: one implementation for teacher traces, evaluation, RL rollouts and serving.
+
+    Back-ends: a `vllm.LLM` (one request per prompt, its `n` samples share the prompt; the ranking constraint runs
+    as the engine's logits processor, so start it with `logits_processors=[RANKING_PROCESSOR]`), or an HF causal LM
+    (`generate` one prompt at a time, the same constraint as an HF logits processor: the reference).
+    """
+
+    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None):
+        from rec.answer_constraint import RankingAnswerFormat
+
+        if (llm is None) == (model is None):
+            raise ValueError("give exactly one of llm (vLLM) or model (HF)")
+        self.tokenizer, self.eos_id, self.sampling, self.llm, self.model = tokenizer, eos_id, sampling, llm, model
+        self.format = (RankingAnswerFormat.from_tokenizer(tokenizer, eos_token=tokenizer.convert_ids_to_tokens(eos_id))
+                       if sampling.constrained else None)
+
+    def max_tokens(self, candidate_token_ids: Sequence[Sequence[int]]) -> int:
+        s = self.sampling
+        if self.format is not None:
+            return self.format.max_tokens(candidate_token_ids, s.max_explanation_tokens)
+        return s.max_tokens
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], candidate_token_ids: Sequence[Sequence[Sequence[int]]],
+        samples: Sequence[int], first: Sequence[int | None] | None = None, with_ids: bool = False,
+    ) -> list[list[tuple]]:
+        """`samples[i]` answers to prompt i as (text without the eos, generated tokens including it), plus the
+        generated token ids when `with_ids` (what RL trains on). With the ranking constraint, `first[i]` pins the
+        candidate a ranking must start with."""
+        first = list(first) if first is not None else [None] * len(prompts)
+        if self.model is not None:
+            answers = [self._hf(p, c, n, f) for p, c, n, f in zip(prompts, candidate_token_ids, samples, first)]
+            return answers if with_ids else [[a[:2] for a in row] for row in answers]
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        s = self.sampling
+        params = []
+        for candidates, n, pinned in zip(candidate_token_ids, samples, first):
+            args: dict[str, Any] = {"n": n, "temperature": s.temperature, "top_p": s.top_p,
+                                    "max_tokens": self.max_tokens(candidates), "stop_token_ids": [self.eos_id],
+                                    "skip_special_tokens": False}
+            if self.format is not None:
+                args["extra_args"] = ranking_extra_args(candidates, s.max_explanation_tokens, self.eos_id, pinned)
+            params.append(SamplingParams(**args))
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [[(o.text, len(o.token_ids), list(o.token_ids)) if with_ids else (o.text, len(o.token_ids))
+                 for o in output.outputs] for output in outputs]
+
+    def _hf(self, prompt_ids: Sequence[int], candidates: Sequence[Sequence[int]], n: int,
+            first: int | None = None) -> list[tuple[str, int, list[int]]]:
+        import torch
+
+        from rec.answer_constraint import HfRankingLogitsProcessor, RankingConstraint
+
+        s = self.sampling
+        prompt = torch.tensor([list(prompt_ids)], device=self.model.device)
+        processors = []
+        if self.format is not None:
+            constraints = [RankingConstraint(self.format, candidates, s.max_explanation_tokens, first=first)
+                           for _ in range(n)]
+            processors.append(HfRankingLogitsProcessor(constraints, prompt.shape[1]))
+        sample = s.temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=sample,
+                temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
+                top_k=0 if sample else None, num_return_sequences=n, max_new_tokens=self.max_tokens(candidates),
+                logits_processor=processors, eos_token_id=self.eos_id, pad_token_id=self.tokenizer.pad_token_id,
+            )
+        answers = []
+        for tokens in out[:, prompt.shape[1]:].tolist():
+            if self.eos_id in tokens:
+                tokens = tokens[: tokens.index(self.eos_id) + 1]
+            text = self.tokenizer.decode([t for t in tokens if t != self.eos_id], skip_special_tokens=False)
+            answers.append((text, len(tokens), tokens))
+        return answers
+
+
+
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
+@dataclass
+class Reranked:
+    """One re-ranked list: the final item order (the incoming one when `reason` says why the answer is unusable)."""
+
+    ranking: list[int]
+    reason: str | None
+    generated_tokens: int
+    completion: str | None
+    explanation: str
+
+
+class Reranker:
+    """History + candidates -> final ranking: `PromptBuilder` -> `RerankGenerator` -> `parse_answer` ->
+    `final_ranking`, one answer per list (evaluation and the serving ReRanker). A prompt too long for the engine is
+    not sent; it keeps the incoming order with the reason `prompt_too_long`."""
+
+    def __init__(self, prompts, generator: RerankGenerator, max_model_len: int):
+        self.prompts, self.generator, self.max_model_len = prompts, generator, max_model_len
+
+    def rerank(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> list[Reranked]:
+        from rec.rerank import final_ranking, parse_answer
+
+        rows = []
+        for history, items in zip(histories, candidates):
+            _, prompt_ids = self.prompts.prompt(history, items)
+            token_ids = self.prompts.candidate_token_ids(items)
+            rows.append((prompt_ids, token_ids,
+                         len(prompt_ids) + self.generator.max_tokens(token_ids) <= self.max_model_len))
+        sent = [r for r in rows if r[2]]
+        answers = iter(self.generator.generate([r[0] for r in sent], [r[1] for r in sent], [1] * len(sent))
+                       if sent else [])
+        out = []
+        for (_, _, fits), items in zip(rows, candidates):
+            if not fits:
+                out.append(Reranked(list(items), PROMPT_TOO_LONG, 0, None, ""))
+                continue
+            (text, generated), = next(answers)
+            parsed = parse_answer(text, self.prompts.candidate_sids(items))
+            ranking, reason = final_ranking(parsed, items)
+            out.append(Reranked(ranking, reason, generated, text, parsed.explanation))
+        return out
