@@ -130,7 +130,7 @@ def build_student(model_cfg: ModelSection, files: dict[str, bytes], seed: int, d
     """On a worker: the tiny model built from dims, or the hub/local model with embeddings resized to the tokenizer."""
     import torch
 
-    from rec.model import build_tiny_model, configure_special_ids
+    from rec.model import build_tiny_model, configure_special_ids, first_sid_token_id, fit_embeddings
 
     tokenizer = _tokenizer_from_files(files)
     if model_cfg.name_or_path is None:
@@ -139,8 +139,9 @@ def build_student(model_cfg: ModelSection, files: dict[str, bytes], seed: int, d
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=getattr(torch, dtype))
-        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        # the SID rows may start inside the hub model's spare (never trained) rows: fit_embeddings initialises them all
+        first_new = first_sid_token_id(tokenizer)
+        fit_embeddings(model, len(tokenizer), first_new if first_new is not None else len(tokenizer))
     configure_special_ids(tokenizer, model)
     return model
 

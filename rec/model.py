@@ -162,17 +162,74 @@ def add_sid_tokens(
     levels: int,
     codebook_size: int,
 ) -> int:
-    """Add the SID tokens (begin/end + one per code per level) as special tokens; resize `model`'s embeddings.
+    """Add the SID tokens (begin/end + one per code per level) as special tokens; fit `model`'s embeddings to them.
 
-    Tokens already present are kept (idempotent). New embedding rows start at the mean of the old ones
-    (transformers' `mean_resizing`), the usual start for added tokens. Returns the number of tokens added.
+    Tokens already present are kept (idempotent). The rows of the new tokens start as transformers' `mean_resizing`
+    starts added rows (`init_new_token_rows`), also where the model already had spare rows: hub models pad their
+    embedding (Qwen3-8B: 151,936 rows for 151,669 tokens), and rows no token ever used hold untrained values.
+    Returns the number of tokens added.
     """
     vocab = tokenizer.get_vocab()
     missing = [t for t in sid_special_tokens(levels, codebook_size) if t not in vocab]
+    first_new = len(tokenizer)
     added = tokenizer.add_tokens([_added(t) for t in missing], special_tokens=True) if missing else 0
-    if model is not None and model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if model is not None and added:
+        fit_embeddings(model, len(tokenizer), first_new)
     return added
+
+
+def fit_embeddings(model: PreTrainedModel, num_tokens: int, first_new: int) -> None:
+    """Grow `model`'s embeddings to `num_tokens` rows when they are smaller, then initialise rows `first_new ..
+    num_tokens` (the added tokens) from the rows before them, whether those rows were just created or were spare."""
+    if model.get_input_embeddings().weight.shape[0] < num_tokens:
+        model.resize_token_embeddings(num_tokens, mean_resizing=True)
+    init_new_token_rows(model, first_new, num_tokens)
+
+
+def first_sid_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The lowest id of a SID token in `tokenizer` (the SID tokens are added as one block), None when it has none."""
+    from rec.sid.codes import SID_BEGIN, SID_END
+
+    ids = [i for token, i in tokenizer.get_added_vocab().items()
+           if token in (SID_BEGIN, SID_END) or (token.startswith("<s_") and token.endswith(">"))]
+    return min(ids) if ids else None
+
+
+@torch.no_grad()
+def init_new_token_rows(model: PreTrainedModel, first_new: int, end: int, seed: int = 0) -> None:
+    """Rows `first_new .. end` of the input embeddings (and of an untied LM head) drawn as transformers'
+    `mean_resizing` draws added rows: from a normal around the mean of rows `0 .. first_new` with 1e-9 x their
+    covariance (the mean itself when that covariance is not positive definite)."""
+    if end <= first_new:
+        return
+    matrices = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not matrices[0]:
+        matrices.append(head.weight)
+    generator = torch.Generator().manual_seed(seed)
+    for weight in matrices:
+        if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter: gather it, change it on rank 0, re-partition
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+                _draw_rows(weight, first_new, end, generator)
+        else:
+            _draw_rows(weight, first_new, end, generator)
+
+
+@torch.no_grad()
+def _draw_rows(weight: torch.Tensor, first_new: int, end: int, generator: torch.Generator) -> None:
+    old = weight[:first_new].to(torch.float32)
+    mean = old.mean(dim=0)
+    centred = old - mean
+    covariance = 1e-9 * (centred.T @ centred) / first_new
+    try:
+        factor = torch.linalg.cholesky(covariance)
+        noise = torch.randn(end - first_new, mean.shape[0], generator=generator).to(mean.device)
+        rows = mean + noise @ factor.T
+    except RuntimeError:  # not positive definite
+        rows = mean.expand(end - first_new, -1)
+    weight[first_new:end] = rows.to(weight.dtype)
 
 
 def sid_token_ids(tokenizer: PreTrainedTokenizerBase, levels: int, codebook_size: int) -> torch.Tensor:

@@ -114,6 +114,33 @@ def test_add_sid_tokens_resizes_a_loaded_student(tmp_path):
     assert reloaded.config.eos_token_id == token_id(base, IM_END)
 
 
+@pytest.mark.parametrize("spare", [5, 40])
+@pytest.mark.parametrize("tied", [True, False])
+def test_sid_tokens_on_spare_embedding_rows_start_like_resized_rows(spare, tied):
+    """A hub model pads its embedding beyond its tokenizer (Qwen3-8B: 151,936 rows, 151,669 tokens); new SID tokens
+    land first on those never-trained rows, which must start as the rows `mean_resizing` creates (around the mean
+    of the real tokens' rows), not keep their old values. 26 tokens are added: 5 spare rows are fewer, 40 more."""
+    from rec.model import first_sid_token_id
+
+    base = train_tokenizer(TEXTS, vocab_size=400)
+    cfg = ModelSection(hidden_size=64, intermediate_size=128, tie_word_embeddings=tied)
+    model = build_tiny_model(cfg, len(base) + spare)
+    n = len(base)
+    with torch.no_grad():
+        for weight in {id(w): w for w in (model.get_input_embeddings().weight,
+                                          model.get_output_embeddings().weight)}.values():
+            weight[n:] = 100.0  # untrained padding rows
+    added = add_sid_tokens(base, model, LEVELS, CODEBOOK)
+    assert added == 26 and first_sid_token_id(base) == n
+    rows = max(n + spare, len(base))
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        assert weight.shape[0] == rows
+        mean = weight[:n].mean(dim=0)
+        new_rows = weight[n:len(base)]
+        assert torch.allclose(new_rows, mean.expand_as(new_rows), atol=1e-3), "new SID rows kept padding values"
+        assert (weight[len(base):] == 100.0).all()  # spare rows no token uses are left alone
+
+
 def test_load_student_names_the_missing_model(tmp_path):
     with pytest.raises(OSError, match="cannot load the student"):
         load_student(str(tmp_path / "nowhere"))
