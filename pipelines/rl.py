@@ -146,6 +146,9 @@ class RlConfig(StageConfig):
                 f"rl.prompts_per_step x rl.samples_per_prompt ({sequences} sequences per step) must split evenly into "
                 f"train.num_workers ({train.num_workers}) x rl.updates_per_step ({rl.updates_per_step}) x "
                 f"train.batch_size ({train.batch_size}) micro-batches")
+        if self.rollout.weight_sync.backend == "nccl" and not (self.rollout.gpus_per_actor > 0 and train.use_gpu):
+            raise ValueError("rollout.weight_sync.backend=nccl needs GPU rollout engines (rollout.gpus_per_actor > 0) "
+                             "and GPU trainers (train.use_gpu=true); use backend=files on CPU")
         if rl.eps_high < rl.eps_low:
             raise ValueError(f"rl.eps_high ({rl.eps_high}) below rl.eps_low ({rl.eps_low}): clip-higher needs >=")
         return self

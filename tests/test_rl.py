@@ -123,6 +123,34 @@ def test_stage_trains_publishes_and_skips_when_finished(rl_run_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_stage_runs_with_out_of_process_engines(tmp_path):
+    """The whole tiny RL stage in the GPU topology: rollout engines in vLLM's multi-process engine, weights pushed
+    through the files backend every step, the model written by the trainer."""
+    import ray
+
+    run_dir = make_prerank_run_dir(tmp_path / "run", max_users=40)
+    write_candidates(run_dir, rows=16, split="train")
+    write_candidates(run_dir, rows=8, seed=1, split="valid")
+    model_dir = run_dir.local_path("models", "midtrain")
+    cfg = _config(run_dir.root, *SMALL, f"init_model={model_dir}", "max_rows=null", "insert_missing_target=false",
+                  "rl.steps=2", "rl.prompts_per_step=2", "rl.samples_per_prompt=4", "rl.eval_every_steps=1",
+                  "rl.eval_rows=4", "train.num_workers=1", "train.batch_size=4", "num_cpus=3",
+                  "rollout.engine.in_process=false")
+    try:
+        report = run(cfg)
+    finally:
+        ray.shutdown()
+    assert report["steps"] == 2 and report["mean_sync_s"] > 0
+    before, after = load_file(f"{model_dir}/model.safetensors"), load_file(Path(report["model_dir"]) / "model.safetensors")
+    assert all(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_nccl_weight_sync_needs_gpus():
+    with pytest.raises(ConfigError, match="backend=nccl needs GPU"):
+        _config("x", "rollout.weight_sync.backend=nccl")
+
+
+@pytest.mark.slow
 def test_a_killed_rl_run_resumes_from_its_checkpoint(tmp_path):
     """SIGKILL the stage (driver, its local Ray, trainer and rollout actors) once a checkpoint is registered; the
     rerun resumes from it (the rollout engines get the checkpoint's weights) and ends at the asked step."""
