@@ -1,19 +1,27 @@
-"""Benchmark: SID-constrained beam search (beam 20, batch 64) with the vectorised trie processor vs per-beam Python.
+"""Benchmark: SID-constrained beam search (beam 20, batch 64) on three back-ends, and HF's trie processor vs per-beam
+Python.
 
-Both runs use `rec.beam.hf_beam_search` on the same tiny Qwen3 and the same prompts; only the logits processor
-differs. The baseline is transformers' own `PrefixConstrainedLogitsProcessor`, asking a dict of SID prefix ->
-allowed tokens once per beam per step (the usual way to constrain HF generation to a trie). The vectorised
-processor (`rec.beam.SidTrieLogitsProcessor`) walks every beam through the tensor trie with one gather per level.
-Reported: wall time of the whole search and time inside the processor, the ratios, and whether both returned the
-same top-10. With `--vllm`, the vLLM back-end (rec.engines) runs the same batch too (in this process, last, since
-vLLM pins the process to a core).
+- `torch` (`rec.beam_torch.torch_beam_search`): each prompt prefilled once, then one batched forward per SID
+  level with the beams as extra tokens of the user's cache row.
+- `vllm` (with `--vllm`; `rec.engines.VllmSidBeamSearch`): one `max_tokens=1` request per beam per level, the
+  prompt shared through the prefix cache; one engine on one core, run last in this process (vLLM pins the process
+  to a core).
+- HF `generate` (`rec.beam.hf_beam_search`, the reference, which prefills every prompt once per beam), twice, with
+  only the logits processor changed: `vectorised` (`rec.beam.SidTrieLogitsProcessor`, every beam walked through
+  the tensor trie with one gather per level) and `python_prefix_lookup` (transformers' own
+  `PrefixConstrainedLogitsProcessor` asking a dict of SID prefix -> allowed tokens once per beam per step, the
+  usual way to constrain HF generation to a trie).
+Reported: median wall time per batch of each back-end (and time inside the HF processors), the speed-ups, and per
+pair of back-ends whether they returned the same top-10 (items tied within 1e-4 may swap) with the largest score
+difference. All back-ends run the same batches.
 
 Default set-up: the tiny preset's model dims (hidden 128, 2 layers, tokenizer of 8192 BPE tokens trained on the
 bundled Beauty item text) with random weights, all 12,101 Beauty items with random 3 x 256 SIDs + the
 disambiguation level (the trie shape of the tiny preset), and real test histories as prompts. `--run-dir` takes the
 SIDs, histories and (if present) the mid-trained model of a run directory instead.
 
-    .venv/bin/python bench/beam_search.py [--batches 3] [--threads 1] [--max-len 256] [--run-dir runs/tiny] [--vllm]
+    .venv/bin/python bench/beam_search.py [--batches 3] [--batch 64] [--threads 1] [--max-len 256] \
+        [--run-dir runs/tiny] [--vllm] [--out bench/results/beam_search.json]
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rec.beam import SidDecoding, SidTrieLogitsProcessor, hf_beam_search  # noqa: E402
+from rec.beam_torch import torch_beam_search  # noqa: E402
 from rec.midtrain_data import SidEncoder, next_item_prompt_ids, tokenizer_corpus  # noqa: E402
 
 NUM_BEAMS, BATCH, TOP_N, LEVELS, CODEBOOK = 20, 64, 10, 4, 256
@@ -129,9 +138,33 @@ def setup(run_dir: str | None, seed: int):
     return model_dir, tokenizer, decoding, encoder, histories
 
 
+def same_top_n(expected: list[tuple[int, float]], found: list[tuple[int, float]], tol: float = 1e-4) -> bool:
+    """Same items in the same order with scores within `tol`; items whose scores tie within `tol` may swap (also
+    across the top-N cut: a random model scores many SIDs nearly alike)."""
+    if len(expected) != len(found):
+        return False
+    for (item, score), (found_item, found_score) in zip(expected, found):
+        if abs(score - found_score) >= tol:
+            return False
+        if item != found_item:
+            tied = {i for i, s in expected if abs(s - score) < tol}
+            if found_item not in tied and abs(expected[-1][1] - found_score) >= tol:
+                return False
+    return True
+
+
+def compare(a: list[list], b: list[list]) -> tuple[bool, float]:
+    """(same top-N for every prompt of every batch, max score difference at equal rank)."""
+    rows = [(x, y) for batch_a, batch_b in zip(a, b) for x, y in zip(batch_a, batch_b)]
+    same = all(same_top_n(x, y) for x, y in rows)
+    diffs = [abs(s - t) for x, y in rows for (_, s), (_, t) in zip(x, y)]
+    return same, max(diffs, default=0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, default=3, help="batches of 64 prompts timed per processor")
+    parser.add_argument("--batches", type=int, default=3, help="batches of prompts timed per back-end")
+    parser.add_argument("--batch", type=int, default=BATCH, help="prompts per batch (smaller: a quick smoke run)")
     parser.add_argument("--run-dir", default=None, help="take SIDs, histories and model from this run directory")
     parser.add_argument("--max-len", type=int, default=256, help="prompt + SID tokens (longer histories are cut)")
     parser.add_argument("--threads", type=int, default=1,
@@ -148,8 +181,9 @@ def main() -> None:
     table = prefix_table(decoding)
     rng = np.random.default_rng(args.seed)
     batches = [[next_item_prompt_ids(encoder, histories[i], args.max_len) for i in
-                rng.choice(len(histories), BATCH, replace=False)] for _ in range(args.batches)]
-    hf_beam_search(model, decoding, batches[0][:4], NUM_BEAMS, TOP_N, pad_id=tokenizer.pad_token_id)  # warm-up
+                rng.choice(len(histories), args.batch, replace=False)] for _ in range(args.batches)]
+    pad_id = tokenizer.pad_token_id
+    hf_beam_search(model, decoding, batches[0][:4], NUM_BEAMS, TOP_N, pad_id=pad_id)  # warm-up
 
     timings: dict[str, dict[str, list[float]]] = {}
     answers: dict[str, list] = {}
@@ -161,14 +195,17 @@ def main() -> None:
             processor_cls = make(clock) if make else python_processor(table, clock)
             start = time.perf_counter()
             answers[name].append(hf_beam_search(model, decoding, prompts, NUM_BEAMS, TOP_N,
-                                                pad_id=tokenizer.pad_token_id, processor_cls=processor_cls))
+                                                pad_id=pad_id, processor_cls=processor_cls))
             timings[name]["total_s"].append(time.perf_counter() - start)
             timings[name]["processor_s"].append(clock[0])
-    same = all(
-        [i for i, _ in a] == [i for i, _ in b]
-        for x, y in zip(answers["vectorised"], answers["python_prefix_lookup"]) for a, b in zip(x, y)
-    )
-    if args.vllm:
+    torch_beam_search(model, decoding, batches[0][:4], NUM_BEAMS, TOP_N, pad_id=pad_id)  # warm-up
+    timings["torch"] = {"total_s": []}
+    answers["torch"] = []
+    for prompts in batches:
+        start = time.perf_counter()
+        answers["torch"].append(torch_beam_search(model, decoding, prompts, NUM_BEAMS, TOP_N, pad_id=pad_id))
+        timings["torch"]["total_s"].append(time.perf_counter() - start)
+    if args.vllm:  # last: vLLM's in-process engine pins this process to one core
         from rec.engines import VllmSidBeamSearch, start_llm
 
         llm = start_llm(model_dir, max_model_len=args.max_len, kv_cache_memory_bytes=256 * 2**20, cpu_cores="0",
@@ -176,36 +213,49 @@ def main() -> None:
         search = VllmSidBeamSearch(llm, decoding, NUM_BEAMS, TOP_N)
         search.search(batches[0][:4])  # warm-up
         timings["vllm"] = {"total_s": []}
-        vllm_same = True
-        for prompts, expected in zip(batches, answers["vectorised"]):
+        answers["vllm"] = []
+        for prompts in batches:
             start = time.perf_counter()
-            found = search.search(prompts)
+            answers["vllm"].append(search.search(prompts))
             timings["vllm"]["total_s"].append(time.perf_counter() - start)
-            vllm_same &= all([i for i, _ in a] == [i for i, _ in b] for a, b in zip(found, expected))
 
+    pairs = {"vectorised_vs_python_prefix_lookup": ("vectorised", "python_prefix_lookup"),
+             "torch_vs_hf": ("vectorised", "torch"), "torch_vs_vllm": ("vllm", "torch"),
+             "vllm_vs_hf": ("vectorised", "vllm")}
+    same, score_diff = {}, {}
+    for pair, (a, b) in pairs.items():
+        if a in answers and b in answers:
+            same[pair], score_diff[pair] = compare(answers[a], answers[b])
     median = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in timings.items()}
     vec, naive = median["vectorised"], median["python_prefix_lookup"]
     result = {
-        "setup": {"num_beams": NUM_BEAMS, "batch": BATCH, "top_n": TOP_N, "levels": decoding.levels,
+        "setup": {"num_beams": NUM_BEAMS, "batch": args.batch, "top_n": TOP_N, "levels": decoding.levels,
                   "codebook_size": decoding.codebook_size, "items": len(decoding.trie.leaf_item_ids),
                   "vocab": len(tokenizer), "model_dir": model_dir if args.run_dir else "random tiny (preset dims)",
-                  "batches": args.batches, "max_len": args.max_len, "torch_threads": torch.get_num_threads(), "cpu": platform.processor(),
-                  "cores": os.cpu_count()},
+                  "batches": args.batches, "max_len": args.max_len, "torch_threads": torch.get_num_threads(),
+                  "cpu": platform.processor(), "cores": os.cpu_count()},
         "median_seconds_per_batch": median,
         "speedup_total": naive["total_s"] / vec["total_s"],
         "speedup_processor": naive["processor_s"] / vec["processor_s"],
+        "speedup_torch_vs_hf": vec["total_s"] / median["torch"]["total_s"],
         "same_top10": same,
+        "same_top10_all": all(same.values()),
+        "max_score_diff": score_diff,
         "raw": timings,
     }
     if args.vllm:
-        result["vllm_same_top10_as_hf"] = vllm_same
-    print(f"constrained beam search: beam {NUM_BEAMS}, batch {BATCH}, {result['setup']['items']} items, "
+        result["speedup_torch_vs_vllm"] = median["vllm"]["total_s"] / median["torch"]["total_s"]
+        result["vllm_same_top10_as_hf"] = same["vllm_vs_hf"]
+    print(f"constrained beam search: beam {NUM_BEAMS}, batch {args.batch}, {result['setup']['items']} items, "
           f"{decoding.levels} levels x {decoding.codebook_size} codes (median of {args.batches} batches)")
-    print(f"{'processor':<24}{'total s/batch':>14}{'processor s':>14}")
+    print(f"{'back-end':<24}{'total s/batch':>14}{'processor s':>14}")
     for name, m in median.items():
         print(f"{name:<24}{m['total_s']:>14.3f}{m.get('processor_s', float('nan')):>14.3f}")
-    print(f"speed-up, whole search: {result['speedup_total']:.1f}x   processor alone: "
-          f"{result['speedup_processor']:.1f}x   same top-10: {same}")
+    print(f"HF, vectorised vs Python processor: whole search {result['speedup_total']:.1f}x, processor alone "
+          f"{result['speedup_processor']:.1f}x; torch vs HF {result['speedup_torch_vs_hf']:.1f}x"
+          + (f"; torch vs vLLM {result['speedup_torch_vs_vllm']:.1f}x" if args.vllm else ""))
+    print("same top-10: " + ", ".join(f"{pair} {ok} (max score diff {score_diff[pair]:.1e})"
+                                      for pair, ok in same.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
