@@ -33,8 +33,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.common import REPO_ROOT, setup_env, setup_logging, start_reranker, start_sid_ranker
+from rec.config import ConfigError
 from rec.io import RunDir
-from rec.rerank import catalogue, model_rerank_settings
+from rec.rerank import catalogue
 from serving.config import ServeConfig, load_serve_config
 
 log = logging.getLogger("gr2.serving")
@@ -98,7 +99,8 @@ class ReRanker(_EngineReplica):
         self.cfg = cfg = ServeConfig.model_validate(config)
         r = cfg.reranker
         model = _checkpoint(cfg, r.model, "sft (or rl)")
-        prompt, eos = model_rerank_settings(model, r.prompt, r.eos_token)  # prompted exactly as it was trained
+        settings = cfg.reranker_settings(model)  # prompted exactly as it was trained; lengths checked
+        prompt, eos = settings.prompt, settings.eos_token
         run_dir = RunDir.open(cfg.resolved_run_dir())
 
         def build():
@@ -336,6 +338,17 @@ class Ingress:
 # ------------------------------------------------------------------------------------------------- composition
 
 
+def check_reranker(cfg: ServeConfig) -> None:
+    """Refuse, before any replica starts, a re-ranker config that contradicts its model's gr2_rerank.json (lengths)
+    or whose engine cannot hold prompt + answer. Where the run dir is not known here (it may be set only on the
+    replicas) the replica's own check at start-up is the one that counts."""
+    try:
+        model = cfg.model_path(cfg.reranker.model)
+    except ConfigError:
+        model = "<unresolved>"  # the config's own prompt and lengths are still checked
+    cfg.reranker_settings(model)
+
+
 def build_app(args: dict[str, Any]):
     """Serve application builder (`import_path: serving.app:build_app`). `args` are ServeConfig fields, or
     {"config": <serve config file>, "overrides": ["key=value", ...]} to take that file's args."""
@@ -349,6 +362,8 @@ def build_app(args: dict[str, Any]):
             raise ValueError(f"with `config`, the only other key is `overrides`; got {sorted(args)}")
     else:
         cfg = ServeConfig.model_validate(args)
+    if cfg.reranker.enabled:
+        check_reranker(cfg)
     config = cfg.model_dump(mode="json")
     ranker = Ranker.options(**cfg.ranker.deployment_options()).bind(config)
     reranker = ReRanker.options(**cfg.reranker.deployment_options()).bind(config) if cfg.reranker.enabled else None

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from pipelines.common import EngineSection
 from rec.config import ConfigError, Section, validate_config
-from rec.rerank import RerankPromptSection, RerankSamplingSection
+from rec.rerank import RerankPromptSection, RerankSamplingSection, RerankSettings, checked_model_settings
 
 RUN_DIR_ENV = "GR2_RUN_DIR"
 
@@ -147,6 +147,17 @@ class ServeConfig(Section):
             raise ConfigError(f"model path {path!r} is relative but run_dir {run_dir} is not local: give the "
                               "checkpoint's path on a mount every replica sees")
         return str(Path(run_dir) / path)
+
+    def reranker_settings(self, model: str | None = None) -> RerankSettings:
+        """How the re-ranker checkpoint (`model`, default `reranker.model` resolved) is prompted: its own
+        gr2_rerank.json when it has one, else `reranker.prompt`. Refused with a ConfigError naming both fields when
+        `reranker.sampling` allows fewer answer tokens than the model was trained to write, or `reranker.engine`'s
+        max_model_len cannot hold the prompt + answer (rec.rerank.check_lengths)."""
+        r = self.reranker
+        return checked_model_settings(
+            model or self.model_path(r.model), r.prompt, r.eos_token, r.sampling, r.engine.max_model_len, "serving",
+            prompt_field="reranker.prompt", sampling_field="reranker.sampling", engine_field="reranker.engine",
+            candidates=self.ranker.top_n)
 
 
 def read_serve_file(path: str | Path) -> dict[str, Any]:
