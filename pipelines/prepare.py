@@ -1,8 +1,10 @@
 """Stage `prepare`: a dataset folder -> validated item table and leave-one-out splits under the run directory.
 
-Reads `items.{jsonl,parquet}` and `sequences.{jsonl,parquet}` (format: data/amazon_beauty_2014_5core/README.md),
-writes `<run_dir>/data/items.parquet`, `<run_dir>/data/{train,valid,test}.parquet` and `<run_dir>/data/report.json`
-(sizes, counted skips, config).
+Reads `items.{jsonl,jsonl.gz,parquet}` and `sequences.{jsonl,jsonl.gz,parquet}` (format:
+data/amazon_beauty_2014_5core/README.md), writes `<run_dir>/data/items.parquet`,
+`<run_dir>/data/{train,valid,test}.parquet` and `<run_dir>/data/report.json` (sizes, counted skips, unknown fields,
+text cleaning counts, config). Malformed input stops with exit 2 and a message naming the file, the line (or byte
+offset, or Parquet row group) and the field.
 
 Local:    python -m pipelines.prepare --config pipelines/configs/tiny/prepare.yaml [run_dir=runs/tiny max_users=2000]
 Cluster:  ray job submit --working-dir . -- python -m pipelines.prepare --config pipelines/configs/qwen3_8b/prepare.yaml \
@@ -20,16 +22,28 @@ from typing import Literal
 from pydantic import Field
 
 from pipelines.common import REPO_ROOT, already_done, exit_on_user_error, parse_cli
-from rec.config import StageConfig, config_fingerprint
-from rec.data import DataReport, find_file, leave_one_out, load_items, load_sequences, slice_users
+from rec.config import Section, StageConfig, config_fingerprint
+from rec.data import DataReport, TextLimits, find_file, leave_one_out, load_items, load_sequences, slice_users
 from rec.io import RunDir
 
 log = logging.getLogger("gr2.prepare")
 
 
+class MaxCharsSection(Section):
+    """Longest kept value of each item text field, in characters; longer values are cut and counted in the report
+    (`skips.text_cleaning.truncated`). The defaults keep every bundled Beauty value whole."""
+
+    title: int = Field(default=TextLimits.title, ge=1)
+    brand: int = Field(default=TextLimits.brand, ge=1)
+    category: int = Field(default=TextLimits.category, ge=1)
+    """Each entry of `categories`."""
+    description: int = Field(default=TextLimits.description, ge=1)
+    asin: int = Field(default=TextLimits.asin, ge=1)
+
+
 class PrepareConfig(StageConfig):
     dataset_dir: str = "data/amazon_beauty_2014_5core"
-    """Folder with items.{jsonl,parquet} and sequences.{jsonl,parquet}; relative paths are tried from the working
+    """Folder with one items.{jsonl,jsonl.gz,parquet} and one sequences.{...}; relative paths are tried from the working
     directory, then from the repository root."""
     max_users: int | None = Field(default=None, ge=1)
     """Keep a deterministic random slice of this many users (seeded by `seed`); null keeps all."""
@@ -37,6 +51,8 @@ class PrepareConfig(StageConfig):
     """Users with fewer usable items are skipped and counted (leave-one-out needs train, valid and test items)."""
     on_unknown_item: Literal["error", "drop"] = "error"
     """A sequence item missing from the item table: stop with the file and line, or drop it and count it."""
+    max_chars: MaxCharsSection = Field(default_factory=MaxCharsSection)
+    """Caps on item text fields (title 1,000, brand 200, each category 200, description 10,000, asin 100)."""
     overwrite: bool = False
     """Redo the stage even if its outputs exist (otherwise a rerun with the same config is a no-op)."""
 
@@ -56,10 +72,11 @@ def run(cfg: PrepareConfig) -> dict:
     start = time.perf_counter()
     dataset_dir = resolve_dataset_dir(cfg.dataset_dir)
     report = DataReport()
-    items = load_items(find_file(dataset_dir, "items"), report)
+    items_path, sequences_path = find_file(dataset_dir, "items"), find_file(dataset_dir, "sequences")
+    items = load_items(items_path, report, TextLimits(**cfg.max_chars.model_dump()))
     known = set(items.column("item_id").to_pylist())
     sequences = load_sequences(
-        find_file(dataset_dir, "sequences"),
+        sequences_path,
         known_items=known,
         skipped_items=set(report.items_without_text),
         report=report,

@@ -120,3 +120,8 @@ def test_bundled_beauty_data_loads_completely():
     assert report.interactions_read == 198502
     assert not report.items_without_text and not report.users_dropped_too_short
     assert "&amp;" not in " ".join(items.column("text").to_pylist())
+    # Entities are unescaped in the stored fields too (the Serve response shows `title`), once; nothing else changes.
+    stored = items.column("title").to_pylist() + items.column("brand").to_pylist()
+    assert "&amp;" not in " ".join(value or "" for value in stored)
+    assert report.text_changes == {"html_entities_unescaped": {"title": 1236, "brand": 820}}
+    assert not report.unknown_fields  # sales_type and reviewer_id are documented, merely unused
