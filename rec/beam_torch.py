@@ -29,22 +29,24 @@ real model tie exactly only by accident; the parity tests allow swaps within 1e-
 
 Memory, Qwen3-8B (36 layers, 8 KV heads x 128 head_dim, bf16, vocabulary 152,695) in the qwen3_8b preset
 (pipelines/configs/qwen3_8b/prerank.yaml: batch_size B = 256 prompts, num_beams W = 20, 4 SID levels,
-max_model_len 2048). KV cache: 36 x 8 x 128 x (K + V) x 2 B = 144 KiB per token.
-  - this search: B x (T + W x 3) tokens, T the batch's padded prompt width, in one `StaticCache` allocated after
-    the prefill (the beam tokens are written into it in place; a DynamicCache would copy it whole, 2x transient,
-    at every level). T = 2048 (every prompt at the limit):
-    256 x 2,108 x 144 KiB = 74 GiB, more than a GPU holds next to the 15.3 GiB of weights; T ~ 400 (a batch of
-    Beauty histories, ~80 tokens each, padded to its longest): 256 x 460 x 144 KiB = 16 GiB. With long prompts use
-    B <= 64 (18.5 GiB at T = 2048).
+max_model_len 2048). KV cache: 36 x 8 x 128 x (K + V) x 2 B = 144 KiB per token. T is the batch's padded prompt
+width, set by its longest prompt: Beauty test histories average 7.9 items (~73 prompt tokens), but the longest of
+256 random users gives T ~ 470 (median; 720 at the 90th percentile; 2048 at most).
+  - this search: B x (T + W x 3) tokens in one `StaticCache` allocated after the prefill (the beam tokens are
+    written into it in place; a DynamicCache would copy it whole, 2x transient, at every level):
+    256 x 530 x 144 KiB = 18.6 GiB at T = 470; 256 x 2,108 x 144 KiB = 74 GiB at T = 2048, more than a GPU holds
+    next to the 15.3 GiB of weights. With long prompts use B <= 64 (18.5 GiB at T = 2048), or batch users of
+    similar history length.
   - a cache expanded per beam (HF `generate`, or index_select/reorder_cache on the prefilled rows) holds
-    B x W x (T + 3) tokens: 1.41 TiB at T = 2048, 283 GiB at T = 400, i.e. 20x the above.
+    B x W x (T + 3) tokens: 333 GiB at T = 470, 1.41 TiB at T = 2048, i.e. ~18x the above.
   - logits of a level: B x W = 5,120 rows x 152,695 = 782M values, 1.46 GiB in bf16 and 2.91 GiB as the float32
     the log-normaliser is taken in, if computed at once; the LM head runs over chunks of `HEAD_CHUNK_ELEMENTS`
     (2^28 values off CPU: 0.5 GiB bf16 + 1 GiB float32 per chunk, 3 chunks a level) and keeps only the 256 code
     columns (5 MiB). The prefill takes the head of the last position only.
-  - prefill activations: B x T tokens at once; the MLP's 2 x 12,288 bf16 intermediates are 24.6 KiB per token per
-    layer (transient), 3.1 GiB at B x T = 256 x 512, 12.4 GiB at 256 x 2048: another reason for B <= 64 when
-    prompts approach max_model_len.
+  - prefill activations: at most `PREFILL_TOKENS` = 16,384 padded prompt tokens per forward; the MLP's gate, up
+    and product (3 x 12,288 bf16 = 72 KiB per token, one layer at a time) peak at ~1.1 GiB.
+  - attention: with a mask, transformers' sdpa repeats the 8 KV heads to the 32 query heads (`repeat_kv`), one
+    layer at a time: 2 x 256 x 32 x 530 x 128 x 2 B = 2.1 GiB transient per level at T = 470.
 
 The model is a Qwen3-style causal LM: `get_decoder()` gives the hidden states and `get_output_embeddings()` turns
 them into logits with nothing else in between (no soft-capping, no sliding window), with `sdpa` or `eager` attention
