@@ -138,6 +138,17 @@ def setup(run_dir: str | None, seed: int):
     return model_dir, tokenizer, decoding, encoder, histories
 
 
+def cpu_name() -> str:
+    """The CPU model (platform.processor() is empty on most Linux builds)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def same_top_n(expected: list[tuple[int, float]], found: list[tuple[int, float]], tol: float = 1e-4) -> bool:
     """Same items in the same order with scores within `tol`; items whose scores tie within `tol` may swap (also
     across the top-N cut: a random model scores many SIDs nearly alike)."""
@@ -233,7 +244,7 @@ def main() -> None:
                   "codebook_size": decoding.codebook_size, "items": len(decoding.trie.leaf_item_ids),
                   "vocab": len(tokenizer), "model_dir": model_dir if args.run_dir else "random tiny (preset dims)",
                   "batches": args.batches, "max_len": args.max_len, "torch_threads": torch.get_num_threads(),
-                  "cpu": platform.processor(), "cores": os.cpu_count()},
+                  "cpu": cpu_name(), "cores": os.cpu_count()},
         "median_seconds_per_batch": median,
         "speedup_total": naive["total_s"] / vec["total_s"],
         "speedup_processor": naive["processor_s"] / vec["processor_s"],
