@@ -1,6 +1,6 @@
 """What batching can buy the Ranker on this machine: the beam-search engine alone, histories per call 1 .. 64.
 
-Runs `rec.engines.SidRanker` (the serving Ranker's and the prerank stage's code) in-process on one vLLM engine bound
+Runs `rec.engines.sid_ranker.SidRanker` (the serving Ranker's and the prerank stage's code) in-process on one vLLM engine bound
 to one core, over the first test users' histories of a run dir, and prints milliseconds per call and per history
 for each batch size. The per-history cost at batch 1 over the cost at a large batch is the most that Serve's request
 batching can gain for the Ranker (`bench/serve_load.py` measures the whole app). Writes

@@ -6,9 +6,9 @@ Loads every stage YAML of `pipelines/configs/<preset>/` with the stage's own con
 
 - lengths: the teacher's engine holds its prompt + answer; SFT's max_len holds a prompt within the history budget +
   the teacher's answer budget; no later stage (rl, evaluate, serving) allows fewer answer tokens than the traces
-  trained the model to write, and each engine's max_model_len holds prompt + answer (rec.rerank.check_lengths, the
+  trained the model to write, and each engine's max_model_len holds prompt + answer (rec.rerank_settings.check_lengths, the
   function the stages run at start-up against a model's gr2_rerank.json); RL's overlong buffer is below its
-  max_tokens. Prompt lengths are estimated from the config (rec.rerank.prompt_token_estimate: the history budget +
+  max_tokens. Prompt lengths are estimated from the config (rec.rerank_settings.prompt_token_estimate: the history budget +
   a documented allowance per candidate line and for the template);
 - the prompt sections (history_token_budget, max_title_chars, priming, chat_template_kwargs) and eos tokens of
   traces, sft, rl, evaluate and the serving re-ranker are equal (SFT's is saved with the model; the others are what
@@ -38,11 +38,11 @@ from pydantic import BaseModel
 
 from pipelines.common import REPO_ROOT
 from rec.config import ConfigError, load_config
-from rec.rerank import (
+from rec.rerank import RerankPromptSection
+from rec.rerank_settings import (
     DEFAULT_CANDIDATES,
     STUDENT_SID_TOKENS,
     TEXT_SID_TOKENS,
-    RerankPromptSection,
     RerankSettings,
     answer_token_budget,
     check_lengths,

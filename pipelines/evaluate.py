@@ -52,15 +52,8 @@ from rec.config import ConfigError, Section, config_fingerprint
 from rec.data import DataError
 from rec.io import RunDir
 from rec.metrics import ranking_metrics, target_ranks
-from rec.rerank import (
-    RerankPromptSection,
-    RerankSamplingSection,
-    RerankSettings,
-    check_lengths,
-    eos_token_id,
-    load_model_settings,
-    model_rerank_settings,
-)
+from rec.rerank import RerankPromptSection, RerankSamplingSection, eos_token_id
+from rec.rerank_settings import RerankSettings, check_lengths, load_model_settings, model_rerank_settings
 
 log = logging.getLogger("gr2.evaluate")
 
@@ -176,7 +169,7 @@ def check_model_lengths(cfg: EvaluateConfig, models: dict[str, str | None]) -> d
 
 
 def rerank_rows(reranker, batch: pa.Table) -> pa.Table:
-    """One greedy (or sampled) answer per row -> final ranking (`rec.engines.Reranker`: a prompt too long for the
+    """One greedy (or sampled) answer per row -> final ranking (`rec.engines.reranker.Reranker`: a prompt too long for the
     engine is not sent and falls back like an invalid answer, with the reason `prompt_too_long`)."""
     results = reranker.rerank(batch.column("history").to_pylist(), batch.column("candidates").to_pylist())
     return pa.table({

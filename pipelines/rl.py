@@ -56,8 +56,9 @@ from pipelines.train_utils import (
 from pipelines.weight_sync import WeightSyncSection
 from rec.config import ConfigError, Section, StageConfig, config_fingerprint
 from rec.io import RunDir
-from rec.rerank import RERANK_SETTINGS, RerankPromptSection, RerankSamplingSection, model_rerank_settings
-from rec.rerank import rerank_settings_json as settings_json
+from rec.rerank import RerankPromptSection, RerankSamplingSection
+from rec.rerank_settings import RERANK_SETTINGS, checked_model_settings, trained_lengths
+from rec.rerank_settings import rerank_settings_json as settings_json
 from rec.rl import DynamicSamplingError
 
 log = logging.getLogger("gr2.rl")
@@ -198,7 +199,10 @@ def run(cfg: RlConfig) -> dict[str, Any]:
     if not (Path(init) / "config.json").is_file():
         raise FileNotFoundError(f"no starting model at {init} (config.json missing); run the sft stage, or set "
                                 "init_model=models/midtrain for RL-zero")
-    prompt, eos = model_rerank_settings(init, cfg.prompt, cfg.eos_token)
+    # refuse, before anything starts, budgets that would cut the answers the model was trained to write
+    settings = checked_model_settings(init, cfg.prompt, cfg.eos_token, cfg.sampling, cfg.rollout.engine.max_model_len,
+                                      "rl", engine_field="rollout.engine")
+    prompt, eos = settings.prompt, settings.eos_token
     output, ckpt_name = ("models", cfg.output), f"{cfg.output}_ckpt"
     train_rows, train_counts = load_rows(run_dir, "train", cfg, cfg.max_rows)
     eval_rows, eval_counts = load_rows(run_dir, "valid", cfg, cfg.rl.eval_rows)
@@ -223,10 +227,11 @@ def run(cfg: RlConfig) -> dict[str, Any]:
     actor_cls = ray.remote(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor)(RolloutWorker)
     actors = [actor_cls.remote(cfg.run_dir, init, prompt.model_dump(mode="json"), eos, cfg.model_dump(mode="json"))
               for _ in range(r.actors)]
+    lengths = settings.lengths or trained_lengths(cfg.sampling)  # what the RL model is trained to write
     job = RlJob(cfg=cfg, build_model=partial(load_policy, init, "bfloat16" if t.precision == "bf16" else "float32"),
                 train_rows=train_rows, eval_rows=eval_rows, pad_id=tokenizer.pad_token_id,
                 extra_files=tokenizer_files(tokenizer) | {
-                    RERANK_SETTINGS: json.dumps(settings_json(prompt, eos), indent=2).encode()})
+                    RERANK_SETTINGS: json.dumps(settings_json(prompt, eos, lengths), indent=2).encode()})
     trainer = TorchTrainer(
         rl_worker, train_loop_config={"job": job, "actors": actors,
                                       "tp_sizes": [int(r.engine.extra.get("tensor_parallel_size", 1))] * r.actors},

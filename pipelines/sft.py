@@ -46,14 +46,8 @@ from pipelines.train_utils import (
 from rec.config import StageConfig, config_fingerprint
 from rec.io import RunDir
 from pipelines.traces import META_KEY as TRACES_CONFIG_KEY
-from rec.rerank import (
-    RERANK_SETTINGS,
-    RerankLengths,
-    RerankPromptSection,
-    RerankSamplingSection,
-    rerank_settings_json,
-    trained_lengths,
-)
+from rec.rerank import RerankPromptSection, RerankSamplingSection
+from rec.rerank_settings import RERANK_SETTINGS, RerankLengths, rerank_settings_json, trained_lengths
 
 log = logging.getLogger("gr2.sft")
 

@@ -198,7 +198,7 @@ class TeacherBatch:
         from transformers import AutoTokenizer
 
         from pipelines.common import setup_logging
-        from rec.engines import RANKING_PROCESSOR, RerankGenerator
+        from rec.engines.reranker import RANKING_PROCESSOR, RerankGenerator
         from rec.rerank import PromptBuilder, catalogue, eos_token_id
 
         setup_logging()

@@ -11,7 +11,7 @@ permutation. The sampling distribution inside each allowed set is the model's ow
 chooses which candidate comes first.
 
 `RankingConstraint` is the per-sequence state machine (pure torch); `HfRankingLogitsProcessor` applies it in
-HF `generate` (the reference); `rec.engines.RankingLogitsProcessor` applies it inside vLLM.
+HF `generate` (the reference); `rec.engines.reranker.RankingLogitsProcessor` applies it inside vLLM.
 """
 
 from __future__ import annotations

@@ -143,7 +143,8 @@ def test_vllm_back_end_returns_the_hf_top_n(tiny):
         import numpy as np
         from transformers import AutoTokenizer
         from rec.beam import SidDecoding
-        from rec.engines import VllmSidBeamSearch, start_llm
+        from rec.engines.sid_ranker import VllmSidBeamSearch
+        from rec.engines.vllm_runtime import start_llm
         from rec.io import RunDir
         run_dir = RunDir.open({run_dir.root!r})
         path = run_dir.local_path("models", "midtrain")

@@ -14,7 +14,8 @@ import yaml
 from pipelines.check import main
 from pipelines.common import REPO_ROOT
 from rec.config import ConfigError
-from rec.rerank import RERANK_SETTINGS, RerankLengths, RerankPromptSection, rerank_settings_json
+from rec.rerank import RerankPromptSection
+from rec.rerank_settings import RERANK_SETTINGS, RerankLengths, rerank_settings_json
 from serving.config import load_serve_config
 
 PRESETS = sorted(p.name for p in (REPO_ROOT / "pipelines" / "configs").iterdir() if p.is_dir())

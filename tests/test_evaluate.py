@@ -27,7 +27,7 @@ from pipelines.evaluate import (
 )
 from prerank_candidates import write_candidates
 from rec.config import ConfigError, load_config
-from rec.engines import Reranker
+from rec.engines.reranker import Reranker
 from rec.io import RunDir
 from rec.rerank import format_answer
 
@@ -99,7 +99,8 @@ def test_a_model_is_prompted_with_the_settings_in_its_gr2_rerank_json(tmp_path):
 def test_a_config_that_would_cut_a_models_trained_answers_is_refused_before_any_work(tmp_path):
     """The model folder holds only config.json and gr2_rerank.json: the check runs before a row is read or an
     engine starts, and names both fields."""
-    from rec.rerank import RERANK_SETTINGS, RerankLengths, RerankPromptSection, rerank_settings_json
+    from rec.rerank import RerankPromptSection
+    from rec.rerank_settings import RERANK_SETTINGS, RerankLengths, rerank_settings_json
 
     model = tmp_path / "run" / "models" / "sft_reject"
     model.mkdir(parents=True)

@@ -9,7 +9,7 @@ import torch
 from beam_fixtures import make_prerank_run_dir
 
 from rec.answer_constraint import RankingAnswerFormat, RankingConstraint
-from rec.engines import RerankGenerator
+from rec.engines.reranker import RerankGenerator
 from rec.model import load_student
 from rec.rerank import (
     BAD_JSON,
@@ -112,7 +112,7 @@ def test_a_crafted_title_cannot_produce_special_tokens_in_the_prompt(tiny):
 
 
 def constrained_answers(tiny, samples: int, first: int | None = None, seed: int = 0) -> list:
-    """Sampled answers from the shared HF re-rank path (rec.engines.RerankGenerator) under the ranking constraint,
+    """Sampled answers from the shared HF re-rank path (rec.engines.reranker.RerankGenerator) under the ranking constraint,
     parsed."""
     tokenizer, model = tiny
     generator = RerankGenerator(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -147,7 +147,8 @@ def test_a_pinned_first_candidate_always_leads_the_ranking(tiny):
 
 
 def test_length_check_refuses_a_reader_that_would_cut_the_trained_answers_and_names_both_fields():
-    from rec.rerank import RerankLengths, RerankPromptSection, RerankSettings, check_lengths, prompt_token_estimate
+    from rec.rerank import RerankPromptSection
+    from rec.rerank_settings import RerankLengths, RerankSettings, check_lengths, prompt_token_estimate
 
     prompt = RerankPromptSection(history_token_budget=1024, max_title_chars=120)
     trained = RerankSettings(prompt, "<|im_end|>", RerankLengths(max_answer_tokens=4096),
@@ -173,9 +174,9 @@ def test_length_check_refuses_a_reader_that_would_cut_the_trained_answers_and_na
 
 def test_lengths_travel_in_gr2_rerank_json_and_old_files_stay_readable(tmp_path):
     from rec.config import ConfigError
-    from rec.rerank import (
+    from rec.rerank import RerankPromptSection
+    from rec.rerank_settings import (
         RERANK_SETTINGS,
-        RerankPromptSection,
         checked_model_settings,
         load_model_settings,
         model_rerank_settings,
