@@ -18,7 +18,8 @@ from pydantic import Field, model_validator
 
 from pipelines.common import EngineSection
 from rec.config import ConfigError, Section, validate_config
-from rec.rerank import RerankPromptSection, RerankSamplingSection, RerankSettings, checked_model_settings
+from rec.rerank import RerankPromptSection, RerankSamplingSection
+from rec.rerank_settings import RerankSettings, checked_model_settings
 
 RUN_DIR_ENV = "GR2_RUN_DIR"
 
@@ -36,9 +37,16 @@ class ReplicaSection(Section):
     """GPUs per replica (the engine's tensor_parallel_size on GPUs)."""
     max_ongoing_requests: int = Field(default=32, ge=1)
     """Requests a replica holds at once (queued for its batch or running); must be >= max_batch_size."""
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    """How often Serve's controller checks each replica: a dead replica is replaced at most this long after it died
+    (Serve's default 10 s; the tiny preset checks every 2 s)."""
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+    """A replica that does not answer the controller's check within this is replaced (Serve's default)."""
 
     def deployment_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests,
+                                   "health_check_period_s": self.health_check_period_s,
+                                   "health_check_timeout_s": self.health_check_timeout_s,
                                    "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling
@@ -113,6 +121,15 @@ class IngressSection(ReplicaSection):
     """Larger request bodies get 413."""
     cold_start: Literal["popular", "reject"] = "popular"
     """An empty history gets the most popular training items (`popular`) or a 422 (`reject`)."""
+    reply_reserve_ms: int = Field(default=100, ge=0)
+    """Part of every budget kept for formatting and sending the answer: the ingress stops waiting on the models this
+    long before the request's deadline (counted from its arrival), so that the answer arrives within the budget."""
+    probe_timeout_s: float = Field(default=2.0, gt=0)
+    """A model deployment that failed a call with an unavailable-replica error, or left a call unanswered and then a
+    cheap probe (`ping`) unanswered this long, counts as unavailable until a probe answers: meanwhile requests do not
+    wait on it (503 for the Ranker, `fallback: reranker_unavailable` for the ReRanker)."""
+    retry_after_s: int = Field(default=2, ge=1)
+    """Retry-After (seconds) of the 503 sent while the Ranker is unavailable."""
 
 
 class ServeConfig(Section):
@@ -129,6 +146,10 @@ class ServeConfig(Section):
         if self.ingress.max_budget_ms < self.ingress.default_budget_ms:
             raise ValueError(f"ingress.max_budget_ms ({self.ingress.max_budget_ms}) is below default_budget_ms "
                              f"({self.ingress.default_budget_ms})")
+        if self.ingress.reply_reserve_ms >= self.ingress.default_budget_ms:
+            raise ValueError(f"ingress.reply_reserve_ms ({self.ingress.reply_reserve_ms}) must be below "
+                             f"default_budget_ms ({self.ingress.default_budget_ms}), or no request has time left "
+                             "for the models")
         return self
 
     def resolved_run_dir(self) -> str:
@@ -152,7 +173,7 @@ class ServeConfig(Section):
         """How the re-ranker checkpoint (`model`, default `reranker.model` resolved) is prompted: its own
         gr2_rerank.json when it has one, else `reranker.prompt`. Refused with a ConfigError naming both fields when
         `reranker.sampling` allows fewer answer tokens than the model was trained to write, or `reranker.engine`'s
-        max_model_len cannot hold the prompt + answer (rec.rerank.check_lengths)."""
+        max_model_len cannot hold the prompt + answer (rec.rerank_settings.check_lengths)."""
         r = self.reranker
         return checked_model_settings(
             model or self.model_path(r.model), r.prompt, r.eos_token, r.sampling, r.engine.max_model_len, "serving",

@@ -121,14 +121,21 @@ class SidRanker:
         self.pad_id, self.model = tokenizer.pad_token_id, model
         self.search = VllmSidBeamSearch(llm, self.decoding, num_beams, top_n) if llm is not None else None
 
-    def rank(self, histories: Sequence[Sequence[int]], exclude_history: bool = True) -> list[list[tuple[int, float]]]:
+    def rank(self, histories: Sequence[Sequence[int]], exclude_history: bool = True,
+             exclude: Sequence[Sequence[int]] | None = None) -> list[list[tuple[int, float]]]:
         """Per history, up to `top_n` distinct (item_id, score), best first; with `exclude_history` no history item
-        is proposed."""
+        is proposed. `exclude[i]`, when given, replaces history i as the items never proposed (the serving Ranker
+        passes the user's whole history there while the prompt keeps only its most recent part)."""
         from rec.beam import hf_beam_search
         from rec.midtrain_data import next_item_prompt_ids
 
+        if exclude is not None and len(exclude) != len(histories):
+            raise ValueError(f"exclude has {len(exclude)} rows for {len(histories)} histories")
         prompts = [next_item_prompt_ids(self.encoder, h, self.max_model_len) for h in histories]
-        exclude = [list(h) for h in histories] if exclude_history else None
+        if exclude is not None:
+            exclude = [list(items) for items in exclude]
+        elif exclude_history:
+            exclude = [list(h) for h in histories]
         if self.model is not None:
             return hf_beam_search(self.model, self.decoding, prompts, self.num_beams, self.top_n, exclude=exclude,
                                   pad_id=self.pad_id)
