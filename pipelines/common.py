@@ -244,7 +244,8 @@ def start_actor_engine(cfg: EngineActorsConfig, model: str, **engine_args: Any):
 def start_sid_ranker(run_dir: RunDir, model: str, codebook_size: int, engine: EngineSection, backend: str,
                      num_beams: int, top_n: int, cpus: float, gpus: float, bind_cores: bool = True):
     """The constrained beam-search ranker over `model` and the run's SID map (prerank actors, the serving Ranker):
-    (rec.engines.sid_ranker.SidRanker, core lock or None). `backend` is `vllm` or `hf` (the reference, slower)."""
+    (rec.engines.sid_ranker.SidRanker, core lock or None). `backend` is `torch` (the batched search on the model:
+    on the actor's GPU when it has one, else on `cpus` threads), `vllm` (an engine), or `hf` (the reference)."""
     from transformers import AutoTokenizer
 
     from rec.engines.sid_ranker import SidRanker
@@ -254,13 +255,16 @@ def start_sid_ranker(run_dir: RunDir, model: str, codebook_size: int, engine: En
     tokenizer = AutoTokenizer.from_pretrained(model)
     args = dict(tokenizer=tokenizer, item_ids=sid_map["item_id"], codes=codes, codebook_size=codebook_size,
                 num_beams=num_beams, top_n=top_n, max_model_len=engine.max_model_len)
-    if backend == "hf":
+    if backend in ("torch", "hf"):
         import torch
 
         from rec.model import load_student
 
         torch.set_num_threads(max(1, round(cpus)))
-        return SidRanker(model=load_student(model, dtype=getattr(torch, engine.dtype))[1].eval(), **args), None
+        device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+        student = load_student(model, dtype=getattr(torch, engine.dtype))[1].eval().to(device)
+        log.info("SID ranker: %s search on %s for %s", backend, device, model)
+        return SidRanker(model=student, model_search=backend, **args), None
     llm, bound, lock = start_engine(engine, model, cpus, gpus, bind_cores)
     log.info("SID ranker: vLLM engine for %s on cores %s", model, bound or "-")
     return SidRanker(llm=llm, **args), lock

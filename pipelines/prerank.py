@@ -68,8 +68,10 @@ class SplitUsers(Section):
 class PrerankConfig(EngineActorsConfig):
     model: str | None = None
     """Checkpoint to decode with (a local path); null is `<run_dir>/models/midtrain`."""
-    backend: Literal["vllm", "hf"] = "vllm"
-    """vLLM engines, or HF generate with the vectorised trie processor (the reference; slower)."""
+    backend: Literal["torch", "vllm", "hf"] = "torch"
+    """torch: the batched beam search on the model (one prefill per user, one forward per SID level; each actor's
+    GPU when it has one); vllm: a Python-driven beam over a vLLM engine; hf: HF generate with the vectorised trie
+    processor (the reference, slowest). All three return the same top-N (tests/test_beam_torch.py)."""
     max_users: SplitUsers = Field(default_factory=SplitUsers)
     """Users per split (the first N of data/{split}.parquet; train rows come from the first N train users)."""
     train_prefixes_per_user: int | None = Field(default=2, ge=1)

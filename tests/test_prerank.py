@@ -33,7 +33,7 @@ def _config(run_dir, *overrides: str) -> PrerankConfig:
 
 def test_tiny_config_loads_and_checks_top_n():
     cfg = load_config(PrerankConfig, TINY_YAML, ["run_dir=runs/x"])
-    assert (cfg.num_beams, cfg.top_n, cfg.actors, cfg.backend) == (20, 10, 2, "vllm")
+    assert (cfg.num_beams, cfg.top_n, cfg.actors, cfg.backend) == (20, 10, 2, "torch")
     with pytest.raises(ConfigError, match="top_n"):
         load_config(PrerankConfig, TINY_YAML, ["run_dir=runs/x", "top_n=30"])
 
@@ -95,8 +95,8 @@ def test_vllm_actor_pool_end_to_end_matches_hf(prerank_run_dir):
     import ray
 
     run_dir = prerank_run_dir
-    cfg = _config(run_dir.root, "max_users.train=8", "max_users.valid=4", "max_users.test=12", "batch_size=8",
-                  "flush_rows=8", "num_cpus=3")
+    cfg = _config(run_dir.root, "backend=vllm", "max_users.train=8", "max_users.valid=4", "max_users.test=12",
+                  "batch_size=8", "flush_rows=8", "num_cpus=3")
     fingerprints = split_fingerprints(cfg, run_dir.local_path("models", "midtrain"))
     # rows 0-1 of the test split were finished by an earlier, interrupted run
     _parts(run_dir, "test", fingerprints["test"]).write(_fake_part("test", [0, 1], [[-7], [-8]]))
@@ -146,6 +146,25 @@ def test_actor_with_the_hf_back_end_builds_prompts_and_excludes_history(prerank_
     for row, history in zip(out, batch.column("history").to_pylist()):
         assert len(row["candidates"]) == 5 == len(set(row["candidates"])) and set(row["candidates"]) <= catalogue
         assert not set(row["candidates"]) & set(history)
+
+
+def test_actor_with_the_torch_back_end_returns_the_hf_reference(prerank_run_dir):
+    """The default back-end (batched torch search, one prefill per user) through the stage's actor class: the same
+    candidates and scores as the HF reference back-end on the same rows."""
+    from pipelines.prerank import PrerankBatch
+
+    run_dir = prerank_run_dir
+    answers = {}
+    for backend in ("torch", "hf"):
+        cfg = _config(run_dir.root, f"backend={backend}", "num_beams=12", "top_n=5")
+        actor = PrerankBatch(run_dir.root, run_dir.local_path("models", "midtrain"), 16, cfg.model_dump(mode="json"))
+        test = build_rows(*(run_dir.read_parquet("data", f"{s}.parquet") for s in ("train", "valid", "test")),
+                          cfg)["test"]
+        batch = test.slice(0, 8).select(["row_id", "history"]).append_column("split", pa.array(["test"] * 8))
+        answers[backend] = actor(batch).to_pylist()
+    for torch_row, hf_row in zip(answers["torch"], answers["hf"]):
+        assert_same_top_n(list(zip(hf_row["candidates"], hf_row["scores"])),
+                          list(zip(torch_row["candidates"], torch_row["scores"])))
 
 
 def test_a_new_user_slice_redoes_only_that_split(tmp_path):

@@ -103,16 +103,21 @@ class VllmSidBeamSearch:
 class SidRanker:
     """Histories -> top-N catalogue items by trie-constrained beam search: the prerank stage and the serving Ranker.
 
-    Back-ends: a `vllm.LLM` (`VllmSidBeamSearch`) or an HF causal LM (`rec.beam.hf_beam_search`, the reference).
-    Histories longer than the engine's `max_model_len` keep their most recent items.
+    Back-ends: a `vllm.LLM` (`VllmSidBeamSearch`), or a torch causal LM searched by `rec.beam_torch.torch_beam_search`
+    (`model_search="torch"`: one prefill per prompt, one batched forward per SID level) or by
+    `rec.beam.hf_beam_search` (`"hf"`, the reference). Histories longer than the engine's `max_model_len` keep their
+    most recent items.
     """
 
     def __init__(self, tokenizer, item_ids: Sequence[int], codes: np.ndarray, codebook_size: int, num_beams: int,
-                 top_n: int, max_model_len: int, llm=None, model=None):
+                 top_n: int, max_model_len: int, llm=None, model=None, model_search: str = "torch"):
         from rec.midtrain_data import SidEncoder
 
         if (llm is None) == (model is None):
-            raise ValueError("give exactly one of llm (vLLM) or model (HF)")
+            raise ValueError("give exactly one of llm (vLLM) or model (torch / HF)")
+        if model_search not in ("torch", "hf"):
+            raise ValueError(f"model_search must be 'torch' or 'hf', not {model_search!r}")
+        self.model_search = model_search
         check_beam_args(num_beams, top_n)
         codes = np.asarray(codes, dtype=np.int64)
         self.encoder = SidEncoder(tokenizer, item_ids, codes, codebook_size)
@@ -137,7 +142,10 @@ class SidRanker:
         elif exclude_history:
             exclude = [list(h) for h in histories]
         if self.model is not None:
-            return hf_beam_search(self.model, self.decoding, prompts, self.num_beams, self.top_n, exclude=exclude,
-                                  pad_id=self.pad_id)
+            from rec.beam_torch import torch_beam_search
+
+            search = torch_beam_search if self.model_search == "torch" else hf_beam_search
+            return search(self.model, self.decoding, prompts, self.num_beams, self.top_n, exclude=exclude,
+                          pad_id=self.pad_id)
         return self.search.search(prompts, exclude)
 
