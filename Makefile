@@ -63,6 +63,8 @@ bench: setup
 	$(PY) bench/ranker_batching.py --run-dir $(RUN_DIR)
 	$(PY) bench/serve_load.py --config serving/configs/$(PRESET).yaml --run-dir $(RUN_DIR)
 	$(PY) bench/sft_throughput.py --run-dir $(RUN_DIR)
+	$(PY) bench/weight_sync.py
+	$(PY) bench/prerank_backends.py --run-dir $(RUN_DIR) --preset $(PRESET)
 
 clean:
 	rm -rf runs .pytest_cache
