@@ -36,6 +36,10 @@ KNOWN_COLUMNS = {
     ("data", "train.parquet"): tuple(TRAIN_SCHEMA.names),
     ("data", "valid.parquet"): tuple(EVAL_SCHEMA.names),
     ("data", "test.parquet"): tuple(EVAL_SCHEMA.names),
+    ("sid", "sid_map.parquet"): ("item_id", "codes"),
+    # pipelines.prerank.CANDIDATES_SCHEMA (rec/ does not import pipelines/)
+    **{("candidates", f"{split}.parquet"): ("user_id", "history", "target", "candidates", "scores")
+       for split in ("train", "valid", "test")},
 }
 
 
@@ -150,7 +154,7 @@ class RunDir:
 
     def read_parquet(self, *parts: str, required_columns: Sequence[str] | None = None) -> pa.Table:
         """The Parquet table at `parts`, with every column in `required_columns` (default: `KNOWN_COLUMNS` for the
-        data/ files). A missing file is FileNotFoundError; a truncated or foreign one is a DataError naming the
+        data/, sid_map and candidates files). A missing file is FileNotFoundError; a truncated or foreign one is a DataError naming the
         file and the stage to rerun."""
         if not self.exists(*parts):
             raise self._missing(parts)

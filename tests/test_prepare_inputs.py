@@ -309,9 +309,15 @@ def test_foreign_parquet_without_the_expected_columns_is_named(prepared_run):
                                         r"items\); it is written by stage prepare"):
         prepared_run.read_parquet("data", "train.parquet")
     prepared_run.write_parquet(pa.table({"item_id": [1]}), "sid", "sid_map.parquet")
-    assert prepared_run.read_parquet("sid", "sid_map.parquet").num_rows == 1  # no known columns: not checked
+    with pytest.raises(DataError, match=r"sid/sid_map\.parquet: lacks the column\(s\) codes .*stage sid: rerun sid"):
+        prepared_run.read_parquet("sid", "sid_map.parquet")  # known columns are checked by default
     with pytest.raises(DataError, match=r"sid/sid_map\.parquet: lacks the column\(s\) sid .*stage sid: rerun sid"):
         prepared_run.read_parquet("sid", "sid_map.parquet", required_columns=["item_id", "sid"])
+    prepared_run.write_parquet(pa.table({"user_id": [1], "history": [[1]], "target": [2]}), "candidates",
+                               "valid.parquet")
+    with pytest.raises(DataError, match=r"candidates/valid\.parquet: lacks the column\(s\) candidates, scores .*"
+                                        r"stage prerank"):
+        prepared_run.read_parquet("candidates", "valid.parquet")
 
 
 def test_corrupt_report_json_stops_the_rerun_naming_the_stage(prepared_run, tmp_path):
