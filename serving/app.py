@@ -368,6 +368,9 @@ async def result_within(response: DeploymentResponse, timeout_s: float) -> Any:
     if not done:
         task.cancel()
         response.cancel()
+        # Serve may end the cancelled call with RequestCancelledError rather than CancelledError: retrieve it, or
+        # asyncio logs "exception was never retrieved" for every cancelled call
+        task.add_done_callback(lambda finished: finished.cancelled() or finished.exception())
         raise TimeoutError
     return task.result()
 
