@@ -4,8 +4,8 @@ For each `--backends` entry the real stage (`pipelines.prerank`, the `tiny_full`
 top 10, full catalogue) runs into a scratch run directory whose inputs (data, sid, models/midtrain) are links to
 `--run-dir`, on the test split only (`max_users.train=0 max_users.valid=0`, every test user). Reported per back-end:
 wall seconds of the stage (Ray start-up and actor start included), users per second, and the metrics it wrote
-(`prerank/metrics.json`); then the largest metric difference between back-ends (the aim: the same metrics to 1e-4)
-and the speed-up over vLLM. Writes `bench/results/prerank_backends.json` and prints a Markdown table.
+(`prerank/metrics.json`); then the largest metric difference between back-ends (the aim: the same metrics to 1e-4),
+the fraction of test rows whose top-10 is identical, and the speed-up over vLLM. Writes `bench/results/prerank_backends.json` and prints a Markdown table.
 
     .venv/bin/python bench/prerank_backends.py --run-dir runs/tiny_full [--backends torch vllm] [--test-users N]
 """
@@ -43,11 +43,25 @@ def run_once(source: Path, backend: str, test_users: int | None, preset: str) ->
         if done.returncode != 0:
             raise SystemExit(f"prerank with backend={backend} failed:\n{done.stderr[-3000:]}")
         metrics = json.loads((run_dir / "prerank" / "metrics.json").read_text())
+        import pyarrow.parquet as pq
+
+        lists = pq.read_table(run_dir / "candidates" / "test.parquet", columns=["candidates", "scores"]).to_pydict()
     test = metrics.get("test", metrics)
     users = test.get("users") or metrics.get("users")
     return {"backend": backend, "seconds": round(seconds, 1), "users": users,
             "users_per_s": round(users / seconds, 1) if users else None,
-            "metrics": {k: test[k] for k in METRICS if k in test}}
+            "metrics": {k: test[k] for k in METRICS if k in test}, "_lists": lists}
+
+
+def compare_lists(a: dict, b: dict) -> dict:
+    """Rows whose top-10 is the same items in the same order, and the largest score difference where it is."""
+    same, diff = 0, 0.0
+    for items_a, items_b, scores_a, scores_b in zip(a["candidates"], b["candidates"], a["scores"], b["scores"]):
+        if items_a == items_b:
+            same += 1
+            diff = max(diff, max((abs(x - y) for x, y in zip(scores_a, scores_b)), default=0.0))
+    return {"rows": len(a["candidates"]), "same_top10_fraction": same / max(len(a["candidates"]), 1),
+            "max_score_diff_where_same": diff}
 
 
 def main() -> None:
@@ -61,11 +75,14 @@ def main() -> None:
     args = parser.parse_args()
     source = Path(args.run_dir)
     rows = [run_once(source, backend, args.test_users, args.preset) for backend in args.backends]
+    lists = {r["backend"]: r.pop("_lists") for r in rows}
     first = rows[0]["metrics"]
     diff = max((abs(r["metrics"][k] - first[k]) for r in rows[1:] for k in first), default=0.0)
     speed = {r["backend"]: r["seconds"] for r in rows}
     result = {"run_dir": str(source), "preset": args.preset, "note": args.note, "rows": rows,
               "max_metric_diff": diff, "same_metrics_1e-4": diff <= 1e-4}
+    result["candidates_vs_" + rows[0]["backend"]] = {r["backend"]: compare_lists(lists[rows[0]["backend"]],
+                                                                              lists[r["backend"]]) for r in rows[1:]}
     if "torch" in speed and "vllm" in speed:
         result["speedup_torch_vs_vllm"] = round(speed["vllm"] / speed["torch"], 2)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -74,6 +91,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['backend']} | {r['users']} | {r['seconds']} | {r['users_per_s']} | "
               + " | ".join(f"{r['metrics'][k]:.4f}" for k in first) + " |")
+    print(json.dumps(result["candidates_vs_" + rows[0]["backend"]]))
     print(f"max metric difference {diff:.2e}; " + (f"torch vs vLLM {result['speedup_torch_vs_vllm']}x"
                                                      if "speedup_torch_vs_vllm" in result else ""))
 

@@ -264,7 +264,7 @@ def start_sid_ranker(run_dir: RunDir, model: str, codebook_size: int, engine: En
         device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
         student = load_student(model, dtype=getattr(torch, engine.dtype))[1].eval().to(device)
         log.info("SID ranker: %s search on %s for %s", backend, device, model)
-        return SidRanker(model=student, model_search=backend, **args), None
+        return SidRanker(model=student, model_search=backend, threads=max(1, round(cpus)), **args), None
     llm, bound, lock = start_engine(engine, model, cpus, gpus, bind_cores)
     log.info("SID ranker: vLLM engine for %s on cores %s", model, bound or "-")
     return SidRanker(llm=llm, **args), lock

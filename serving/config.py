@@ -78,8 +78,9 @@ class BatchedSection(ReplicaSection):
 class RankerSection(BatchedSection):
     model: str = "models/midtrain"
     """The mid-trained checkpoint; a path not starting with `/` is under the run dir."""
-    backend: Literal["vllm", "hf"] = "vllm"
-    """vLLM engine, or HF generate with the vectorised trie processor (the reference; slower)."""
+    backend: Literal["torch", "vllm", "hf"] = "torch"
+    """torch: the batched beam search on the model (rec.beam_torch; the replica's GPU when it has one); vllm: a
+    Python-driven beam over a vLLM engine; hf: HF generate with the vectorised trie processor (the reference)."""
     num_beams: int = Field(default=20, ge=1)
     """Beam width of the constrained search."""
     top_n: int = Field(default=10, ge=1)

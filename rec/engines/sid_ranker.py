@@ -110,14 +110,17 @@ class SidRanker:
     """
 
     def __init__(self, tokenizer, item_ids: Sequence[int], codes: np.ndarray, codebook_size: int, num_beams: int,
-                 top_n: int, max_model_len: int, llm=None, model=None, model_search: str = "torch"):
+                 top_n: int, max_model_len: int, llm=None, model=None, model_search: str = "torch",
+                 threads: int | None = None):
         from rec.midtrain_data import SidEncoder
 
         if (llm is None) == (model is None):
             raise ValueError("give exactly one of llm (vLLM) or model (torch / HF)")
         if model_search not in ("torch", "hf"):
             raise ValueError(f"model_search must be 'torch' or 'hf', not {model_search!r}")
-        self.model_search = model_search
+        # torch's intra-op thread count is kept per calling thread under OpenMP: Ray Data and Serve call `rank` from
+        # threads other than the one that built this object, which would otherwise run with every core's threads
+        self.model_search, self.threads = model_search, threads
         check_beam_args(num_beams, top_n)
         codes = np.asarray(codes, dtype=np.int64)
         self.encoder = SidEncoder(tokenizer, item_ids, codes, codebook_size)
@@ -142,7 +145,12 @@ class SidRanker:
         elif exclude_history:
             exclude = [list(h) for h in histories]
         if self.model is not None:
+            import torch
+
             from rec.beam_torch import torch_beam_search
+
+            if self.threads is not None and torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
 
             search = torch_beam_search if self.model_search == "torch" else hf_beam_search
             return search(self.model, self.decoding, prompts, self.num_beams, self.top_n, exclude=exclude,
