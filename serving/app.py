@@ -158,8 +158,7 @@ class ReRanker(_EngineReplica):
 
 # ------------------------------------------------------------------------------------------------- HTTP ingress
 
-api = FastAPI(title="GR2 recommender", description="""Two-stage recommendation: beam search over semantic IDs, then LLM
-re-ranking.
+API_DESCRIPTION = """Two-stage recommendation: beam search over semantic IDs, then LLM re-ranking.
 
 Every request has a latency budget (`budget_ms`), counted from its arrival at the ingress; the answer is sent within
 it. **200**: the items. **422** (FastAPI's error format, `detail[].loc/msg/type`): a body that is not strict JSON
@@ -169,7 +168,9 @@ limit. **503** with `Retry-After` and `{"detail", "reason"}`: no pre-rank list w
 is unavailable (`ranker_unavailable`: dead, restarting or unreachable), did not answer in time (`ranker_timeout`) or
 failed (`ranker_error:<type>`). The re-ranker never fails a request: the pre-rank order comes back and `fallback`
 says why (`timeout`: it answered too slowly; `reranker_unavailable`: no live replica; `expired`, `budget_spent`,
-`reranker_error:<type>`, `invalid_answer:<reason>`, `disabled`, `cold_start`).""")
+`reranker_error:<type>`, `invalid_answer:<reason>`, `disabled`, `cold_start`)."""
+
+api = FastAPI(title="GR2 recommender", description=API_DESCRIPTION)
 
 
 class RecommendRequest(BaseModel):
