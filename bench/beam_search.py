@@ -3,7 +3,7 @@ Python.
 
 - `torch` (`rec.beam_torch.torch_beam_search`): each prompt prefilled once, then one batched forward per SID
   level with the beams as extra tokens of the user's cache row.
-- `vllm` (with `--vllm`; `rec.engines.VllmSidBeamSearch`): one `max_tokens=1` request per beam per level, the
+- `vllm` (with `--vllm`; `rec.engines.sid_ranker.VllmSidBeamSearch`): one `max_tokens=1` request per beam per level, the
   prompt shared through the prefix cache; one engine on one core, run last in this process (vLLM pins the process
   to a core).
 - HF `generate` (`rec.beam.hf_beam_search`, the reference, which prefills every prompt once per beam), twice, with
@@ -217,7 +217,8 @@ def main() -> None:
         answers["torch"].append(torch_beam_search(model, decoding, prompts, NUM_BEAMS, TOP_N, pad_id=pad_id))
         timings["torch"]["total_s"].append(time.perf_counter() - start)
     if args.vllm:  # last: vLLM's in-process engine pins this process to one core
-        from rec.engines import VllmSidBeamSearch, start_llm
+        from rec.engines.sid_ranker import VllmSidBeamSearch
+        from rec.engines.vllm_runtime import start_llm
 
         llm = start_llm(model_dir, max_model_len=args.max_len, kv_cache_memory_bytes=256 * 2**20, cpu_cores="0",
                         block_size=32)
