@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10", "target_in_candidates")
 
@@ -43,8 +45,6 @@ def run_once(source: Path, backend: str, test_users: int | None, preset: str) ->
         if done.returncode != 0:
             raise SystemExit(f"prerank with backend={backend} failed:\n{done.stderr[-3000:]}")
         metrics = json.loads((run_dir / "prerank" / "metrics.json").read_text())
-        import pyarrow.parquet as pq
-
         lists = pq.read_table(run_dir / "candidates" / "test.parquet", columns=["candidates", "scores"]).to_pydict()
     test = metrics.get("test", metrics)
     users = test.get("users") or metrics.get("users")

@@ -38,6 +38,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from rec.engines.weight_sync import FileWeightUpdateActor  # noqa: E402
+
 SIZES = {  # name: (hidden, layers, intermediate, heads, kv heads), head_dim 64 (vLLM's CPU attention)
     "10M": (256, 4, 1024, 4, 2),
     "100M": (768, 10, 2560, 12, 4),
@@ -65,7 +67,7 @@ def build_model(size: str, directory: Path, vocab: int = 8192) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class EngineActor:
+class EngineActor(FileWeightUpdateActor):
     """One vLLM engine with the weight-sync extension; the same methods the RL rollout actors expose for it."""
 
     def __init__(self, model: str, in_process: bool):
@@ -88,18 +90,6 @@ class EngineActor:
 
         me = psutil.Process(os.getpid())
         return [me.pid] + [c.pid for c in me.children(recursive=True)]
-
-    def start_file_weight_update(self) -> None:
-        from rec.engines.weight_sync import FileWeightUpdate
-
-        self.update = FileWeightUpdate(self.llm)
-        self.update.start()
-
-    def load_weight_files(self, files: list[str]) -> int:
-        return self.update.load(files)
-
-    def finish_file_weight_update(self) -> None:
-        self.update.finish()
 
     def rollout(self, prompts: list[list[int]], samples: int, new_tokens: int) -> list[list[list[int]]]:
         from vllm import SamplingParams

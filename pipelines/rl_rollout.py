@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from rec.engines.weight_sync import FileWeightUpdateActor
 from rec.io import RunDir
 from rec.rerank import RerankPromptSection
 
 log = logging.getLogger("gr2.rl")
 
 
-class RolloutWorker:
+class RolloutWorker(FileWeightUpdateActor):
     """A vLLM engine that samples and scores answer groups, re-ranks validation rows greedily, and takes new
-    weights in place."""
+    weights in place (files backend: the `FileWeightUpdateActor` methods; nccl: the methods below)."""
 
     def __init__(self, run_dir: str, model: str, prompt: dict, eos_token: str, cfg: dict[str, Any]):
         from pipelines.common import setup_logging, start_reranker
@@ -93,21 +94,6 @@ class RolloutWorker:
         from rec.engines.weight_sync import completion_logprobs
 
         return completion_logprobs(self.llm, prompt_ids, completion_ids)
-
-    # --- weights, backend `files`: one update session, one shard at a time ---------------------------------------
-
-    def start_file_weight_update(self) -> None:
-        from rec.engines.weight_sync import FileWeightUpdate
-
-        self._update = FileWeightUpdate(self.llm)
-        self._update.start()
-
-    def load_weight_files(self, files: list[str]) -> int:
-        return self._update.load(files)
-
-    def finish_file_weight_update(self) -> None:
-        self._update.finish()
-        self._update = None
 
     # --- weights, backend `nccl`: vLLM's weight transfer API (RolloutFleetClient calls these) --------------------
 

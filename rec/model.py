@@ -181,9 +181,13 @@ def add_sid_tokens(
 def fit_embeddings(model: PreTrainedModel, num_tokens: int, first_new: int) -> None:
     """Grow `model`'s embeddings to `num_tokens` rows when they are smaller, then initialise rows `first_new ..
     num_tokens` (the added tokens) from the rows before them, whether those rows were just created or were spare."""
-    if model.get_input_embeddings().weight.shape[0] < num_tokens:
-        model.resize_token_embeddings(num_tokens, mean_resizing=True)
-    init_new_token_rows(model, first_new, num_tokens)
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partitioned parameter's shape is empty
+    if rows < num_tokens:
+        # no mean_resizing here: init_new_token_rows draws every added row the same way just below, so transformers'
+        # own draw (a covariance over the whole vocabulary) would be computed and then overwritten
+        model.resize_token_embeddings(num_tokens, mean_resizing=False)
+    init_new_token_rows(model, min(first_new, rows), num_tokens)
 
 
 def first_sid_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:

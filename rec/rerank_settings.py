@@ -122,12 +122,6 @@ def read_model_settings(path: str) -> RerankSettings | None:
         raise ConfigError(f"{file}: not valid re-rank settings: {err}") from None
 
 
-def read_rerank_settings(path: str) -> tuple[RerankPromptSection, str | None] | None:
-    """(prompt section, eos token or None) from a `gr2_rerank.json`; None when there is no such file."""
-    found = read_model_settings(path)
-    return None if found is None else (found.prompt, found.eos_token)
-
-
 def load_model_settings(model_dir: str, prompt: RerankPromptSection, eos_token: str, config: str = "config",
                         prompt_field: str = "prompt") -> RerankSettings:
     """The settings a re-ranker checkpoint is prompted with: its own `gr2_rerank.json` when it has one (the prompt

@@ -40,6 +40,22 @@ def make_prerank_run_dir(root: Path, max_users: int = 60, seed: int = 0) -> RunD
     return run_dir
 
 
+def load_pre_ranker(root: Path, max_users: int = 60):
+    """(run_dir, tokenizer, model, decoding) of `make_prerank_run_dir`'s random tiny pre-ranker, loaded back as the
+    stages load it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rec.beam import SidDecoding
+
+    run_dir = make_prerank_run_dir(root, max_users=max_users)
+    path = run_dir.local_path("models", "midtrain")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
+    decoding = SidDecoding.from_sid_map(tokenizer, sid_map["item_id"], np.array(sid_map["codes"]), CODEBOOK_SIZE)
+    return run_dir, tokenizer, model, decoding
+
+
 def load_encoder(run_dir: RunDir, tokenizer) -> SidEncoder:
     sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
     return SidEncoder(tokenizer, sid_map["item_id"], np.array(sid_map["codes"]), CODEBOOK_SIZE)

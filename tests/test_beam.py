@@ -12,8 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from beam_fixtures import assert_same_top_n, load_encoder, make_prerank_run_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from beam_fixtures import assert_same_top_n, load_encoder, load_pre_ranker
 
 from rec.beam import SidDecoding, SidTrieLogitsProcessor, hf_beam_search, top_items
 from rec.midtrain_data import next_item_prompt_ids
@@ -23,12 +22,7 @@ from rec.sid.trie import SidTrie
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(run_dir, tokenizer, model, decoding, encoder, test rows) of a random tiny pre-ranker on 60 Beauty users."""
-    run_dir = make_prerank_run_dir(tmp_path_factory.mktemp("beam") / "run", max_users=60)
-    path = run_dir.local_path("models", "midtrain")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
-    decoding = SidDecoding.from_sid_map(tokenizer, sid_map["item_id"], np.array(sid_map["codes"]), 16)
+    run_dir, tokenizer, model, decoding = load_pre_ranker(tmp_path_factory.mktemp("beam") / "run")
     rows = run_dir.read_parquet("data", "test.parquet").to_pylist()
     return run_dir, tokenizer, model, decoding, load_encoder(run_dir, tokenizer), rows
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from beam_fixtures import assert_same_top_n, load_encoder, make_prerank_run_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from beam_fixtures import assert_same_top_n, load_encoder, load_pre_ranker
 
 from rec.beam import SidDecoding, hf_beam_search
 from rec.beam_torch import prefill_groups, torch_beam_search
@@ -33,12 +32,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(tokenizer, model, decoding, prompts, histories) of a random tiny pre-ranker on 60 Beauty users."""
-    run_dir = make_prerank_run_dir(tmp_path_factory.mktemp("beam_torch") / "run", max_users=60)
-    path = run_dir.local_path("models", "midtrain")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
-    decoding = SidDecoding.from_sid_map(tokenizer, sid_map["item_id"], np.array(sid_map["codes"]), 16)
+    run_dir, tokenizer, model, decoding = load_pre_ranker(tmp_path_factory.mktemp("beam_torch") / "run")
     histories = run_dir.read_parquet("data", "test.parquet").column("history").to_pylist()[:12]
     encoder = load_encoder(run_dir, tokenizer)
     prompts = [next_item_prompt_ids(encoder, h, 256) for h in histories]

@@ -80,6 +80,22 @@ class FileWeightUpdate:
         self.llm.reset_prefix_cache()
 
 
+class FileWeightUpdateActor:
+    """The three methods `pipelines.weight_sync.WeightPusher` calls on an actor for the files backend, for any actor
+    class holding its engine as `self.llm` (the RL rollout actors, the weight-sync benchmark's engine actor)."""
+
+    def start_file_weight_update(self) -> None:
+        self._file_update = FileWeightUpdate(self.llm)
+        self._file_update.start()
+
+    def load_weight_files(self, files: list[str]) -> int:
+        return self._file_update.load(files)
+
+    def finish_file_weight_update(self) -> None:
+        self._file_update.finish()
+        self._file_update = None
+
+
 def nccl_engine_args() -> dict[str, Any]:
     """`vllm.LLM` arguments that let an engine receive weights over NCCL (vLLM's weight transfer API)."""
     return {"weight_transfer_config": {"backend": "nccl"}}
