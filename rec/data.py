@@ -174,6 +174,15 @@ def clean_text(value: str, max_chars: int) -> tuple[str, tuple[str, ...]]:
     return visible, tuple(changes)
 
 
+def _sentence(text: str) -> str:
+    """`text` ending in a full stop, unless it already ends a sentence ("Co., Inc.", "Joop!", "Set...").
+
+    >>> _sentence("NARS"), _sentence("Co., Inc."), _sentence("Joop!")
+    ('NARS.', 'Co., Inc.', 'Joop!')
+    """
+    return text if text.endswith((".", "!", "?", "\u2026")) else text + "."
+
+
 def item_text(item: dict[str, Any]) -> str:
     """The text an item is embedded and prompted by: title, brand, category path, description.
 
@@ -185,13 +194,13 @@ def item_text(item: dict[str, Any]) -> str:
     parts = []
     title = (item.get("title") or "").strip()
     if title:
-        parts.append(title.rstrip(".") + ".")
+        parts.append(_sentence(title))
     brand = (item.get("brand") or "").strip()
     if brand and brand.lower() != "unknown":
-        parts.append(f"Brand: {brand}.")
+        parts.append(_sentence(f"Brand: {brand}"))
     categories = [c.strip() for c in (item.get("categories") or []) if c and c.strip()]
     if categories:
-        parts.append("Category: " + " > ".join(categories) + ".")
+        parts.append(_sentence("Category: " + " > ".join(categories)))
     description = (item.get("description") or "").strip()
     if description:
         parts.append(description)

@@ -58,6 +58,14 @@ def test_untitled_item_falls_back_to_its_category_path():
     assert text == "Category: Beauty > Hair Care > Hair Sprays."
 
 
+def test_a_field_that_already_ends_a_sentence_gets_no_second_full_stop():
+    text = item_text({"title": "Detangler 6 oz.", "brand": "Sealed Unit Parts Co., Inc.",
+                      "categories": ["Beauty", "Misc."], "description": "Soft."})
+    assert text == "Detangler 6 oz. Brand: Sealed Unit Parts Co., Inc. Category: Beauty > Misc. Soft."
+    assert item_text({"title": "Be a Dahlia Won't You?", "brand": "Joop!"}) == "Be a Dahlia Won't You? Brand: Joop!"
+    assert item_text({"title": "Liter Set...", "brand": "Acme"}) == "Liter Set... Brand: Acme."
+
+
 def test_unknown_item_in_sequence_names_line_user_and_item(small_dataset):
     with pytest.raises(DataError, match=r"sequences\.jsonl:2: user 2: item_ids\[2\] = 5 is not in the item table"):
         load_sequences(small_dataset / "sequences.jsonl", {1, 2, 3, 4, 6}, set())
