@@ -14,8 +14,25 @@ export MPLCONFIGDIR := $(GR2_CACHE_DIR)/matplotlib
 export RAY_TMPDIR := $(GR2_CACHE_DIR)/ray
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-RUN_DIR ?= runs/tiny
 PRESET ?= tiny
+# `make demo DATASET=/path/to/folder` runs every stage on your own catalogue (items + sequences files, see the
+# README's "Your own catalogue"), into runs/<folder name>-<preset> unless RUN_DIR is given.
+DATASET ?=
+ifneq ($(DATASET),)
+RUN_DIR ?= runs/$(notdir $(abspath $(DATASET)))-$(PRESET)
+endif
+RUN_DIR ?= runs/$(PRESET)
+# `make demo FROM=<stage>` redoes that stage and every later one (overwrite=true), e.g. after changing a file a
+# stage read (the stage's error names the file and the stage to start from).
+STAGES := prepare sid midtrain prerank traces sft rl evaluate
+FROM ?=
+ifneq ($(FROM),)
+ifeq ($(filter $(FROM),$(STAGES)),)
+$(error FROM=$(FROM) is not a stage; one of: $(STAGES))
+endif
+endif
+REDO := $(if $(FROM),$(shell echo "$(STAGES)" | grep -o "\b$(FROM)\b.*"))
+redo = $(if $(filter $(1),$(REDO)),overwrite=true)
 
 .PHONY: setup test test-slow demo bench clean
 
@@ -41,16 +58,17 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(PY) -m pipelines.prepare --config pipelines/configs/$(PRESET)/prepare.yaml run_dir=$(RUN_DIR)
-	$(PY) -m pipelines.sid --config pipelines/configs/$(PRESET)/sid.yaml run_dir=$(RUN_DIR)
-	$(PY) -m pipelines.midtrain --config pipelines/configs/$(PRESET)/midtrain.yaml run_dir=$(RUN_DIR)
-	$(PY) -m pipelines.prerank --config pipelines/configs/$(PRESET)/prerank.yaml run_dir=$(RUN_DIR)
-	$(PY) -m pipelines.traces --config pipelines/configs/$(PRESET)/traces.yaml run_dir=$(RUN_DIR)
-	$(PY) -m pipelines.traces --config pipelines/configs/$(PRESET)/traces.yaml run_dir=$(RUN_DIR) mode=target
-	$(PY) -m pipelines.sft --config pipelines/configs/$(PRESET)/sft.yaml run_dir=$(RUN_DIR)
-	$(PY) -m pipelines.sft --config pipelines/configs/$(PRESET)/sft.yaml run_dir=$(RUN_DIR) source=target
-	$(PY) -m pipelines.rl --config pipelines/configs/$(PRESET)/rl.yaml run_dir=$(RUN_DIR)
-	$(PY) -m pipelines.evaluate --config pipelines/configs/$(PRESET)/evaluate.yaml run_dir=$(RUN_DIR)
+	$(PY) -m pipelines.prepare --config pipelines/configs/$(PRESET)/prepare.yaml run_dir=$(RUN_DIR) $(call redo,prepare) \
+		$(if $(DATASET),dataset_dir=$(abspath $(DATASET)))
+	$(PY) -m pipelines.sid --config pipelines/configs/$(PRESET)/sid.yaml run_dir=$(RUN_DIR) $(call redo,sid)
+	$(PY) -m pipelines.midtrain --config pipelines/configs/$(PRESET)/midtrain.yaml run_dir=$(RUN_DIR) $(call redo,midtrain)
+	$(PY) -m pipelines.prerank --config pipelines/configs/$(PRESET)/prerank.yaml run_dir=$(RUN_DIR) $(call redo,prerank)
+	$(PY) -m pipelines.traces --config pipelines/configs/$(PRESET)/traces.yaml run_dir=$(RUN_DIR) $(call redo,traces)
+	$(PY) -m pipelines.traces --config pipelines/configs/$(PRESET)/traces.yaml run_dir=$(RUN_DIR) $(call redo,traces) mode=target
+	$(PY) -m pipelines.sft --config pipelines/configs/$(PRESET)/sft.yaml run_dir=$(RUN_DIR) $(call redo,sft)
+	$(PY) -m pipelines.sft --config pipelines/configs/$(PRESET)/sft.yaml run_dir=$(RUN_DIR) $(call redo,sft) source=target
+	$(PY) -m pipelines.rl --config pipelines/configs/$(PRESET)/rl.yaml run_dir=$(RUN_DIR) $(call redo,rl)
+	$(PY) -m pipelines.evaluate --config pipelines/configs/$(PRESET)/evaluate.yaml run_dir=$(RUN_DIR) $(call redo,evaluate)
 	$(PY) -m serving --config serving/configs/$(PRESET).yaml --smoke --port 8765 run_dir=$(RUN_DIR)
 
 # Benchmarks print their tables and write bench/results/*.{json,md}; the midtrain, traces and sft throughput

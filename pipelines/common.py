@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import Field
 
+from pipelines.lineage import changed_inputs_message, inputs_changed
 from rec.config import ConfigError, Section, StageConfig, load_config
 from rec.data import DataError
 from rec.io import RunDir
@@ -162,6 +163,8 @@ def config_mismatch(stage: str, path: str, previous: dict, current: dict) -> Sta
     >>> str(config_mismatch("sid", "/r/sid/report.json", {"levels": 3, "seed": 0}, {"levels": 4, "seed": 0}))[:60]
     'sid: /r/sid/report.json was written by a different config (f'
     """
+    if inputs_changed(previous, current):
+        return StageOutputsMismatch(changed_inputs_message(stage, path, previous, current))
     changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
     return StageOutputsMismatch(
         f"{stage}: {path} was written by a different config (fields differ: {', '.join(changed)}); "
@@ -278,10 +281,10 @@ def start_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sampling
     from transformers import AutoTokenizer
 
     from rec.engines.reranker import RANKING_PROCESSOR, Reranker, RerankGenerator
-    from rec.rerank import PromptBuilder, catalogue, eos_token_id
+    from rec.rerank import PromptBuilder, eos_token_id
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = PromptBuilder(tokenizer, *catalogue(run_dir), prompt)
+    prompts = PromptBuilder.for_run(tokenizer, run_dir, prompt)
     processors = [RANKING_PROCESSOR] if sampling.constrained else []
     llm, bound, lock = start_engine(engine, model, cpus, gpus, bind_cores, logits_processors=processors, seed=seed,
                                     **engine_args)

@@ -47,6 +47,7 @@ from pipelines.common import (
     start_reranker,
     stream_actor_pool,
 )
+from pipelines.lineage import stage_inputs
 from pipelines.traces import eligible_rows
 from rec.config import ConfigError, Section, config_fingerprint
 from rec.data import DataError
@@ -371,9 +372,11 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict[str, Any]:
         raise DataError(f"{run_dir.path('candidates', f'{cfg.split}.parquet')}: no row holds its target "
                         f"({dropped['rows_without_target']} rows); set insert_missing_target=true to evaluate anyway")
     digest = table_digest(candidates)
+    inputs = stage_inputs(run_dir, "evaluate")
     plans, skipped = [], []
     for entry in cfg.models:
         final_fp, parts_fp = fingerprints(cfg, entry, models[entry.name], *settings[entry.name], digest)
+        final_fp["inputs"] = parts_fp["inputs"] = inputs
         previous = finished_fingerprint(run_dir, entry.name)
         if previous is not None and not cfg.overwrite:
             if previous != final_fp:

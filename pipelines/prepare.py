@@ -22,8 +22,9 @@ from typing import Literal
 from pydantic import Field
 
 from pipelines.common import REPO_ROOT, already_done, exit_on_user_error, parse_cli
+from pipelines.lineage import local_files
 from rec.config import Section, StageConfig, config_fingerprint
-from rec.data import DataReport, TextLimits, find_file, leave_one_out, load_items, load_sequences, slice_users
+from rec.data import DataError, DataReport, TextLimits, find_file, leave_one_out, load_items, load_sequences, slice_users
 from rec.io import RunDir
 
 log = logging.getLogger("gr2.prepare")
@@ -42,9 +43,10 @@ class MaxCharsSection(Section):
 
 
 class PrepareConfig(StageConfig):
-    dataset_dir: str = "data/amazon_beauty_2014_5core"
-    """Folder with one items.{jsonl,jsonl.gz,parquet} and one sequences.{...}; relative paths are tried from the working
-    directory, then from the repository root."""
+    dataset_dir: str
+    """Folder with one items.{jsonl,jsonl.gz,parquet} and one sequences.{...} (and optionally dataset.json, the
+    catalogue's metadata: `name`, `priming`); relative paths are tried from the working directory, then from the
+    repository root. Required: every preset names its dataset."""
     max_users: int | None = Field(default=None, ge=1)
     """Keep a deterministic random slice of this many users (seeded by `seed`); null keeps all."""
     min_sequence_length: int = Field(default=3, ge=3)
@@ -57,6 +59,29 @@ class PrepareConfig(StageConfig):
     """Redo the stage even if its outputs exist (otherwise a rerun with the same config is a no-op)."""
 
 
+DATASET_METADATA = "dataset.json"
+METADATA_FIELDS = {"name": str, "priming": str, "citation": str}
+
+
+def load_metadata(path: Path) -> dict[str, str]:
+    """A dataset folder's optional `dataset.json`: {"name", "priming" (domain knowledge the re-rank prompt can add,
+    see `prompt.priming: dataset`), "citation"}, each a string; absent file -> {}."""
+    if not path.is_file():
+        return {}
+    try:
+        metadata = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a JSON object ({err})") from None
+    if not isinstance(metadata, dict):
+        raise DataError(f"{path}: not a JSON object")
+    for key, value in metadata.items():
+        if key not in METADATA_FIELDS:
+            raise DataError(f"{path}: unknown field {key!r} (known: {', '.join(METADATA_FIELDS)})")
+        if not isinstance(value, METADATA_FIELDS[key]):
+            raise DataError(f"{path}: field {key!r} must be a string, got {type(value).__name__}")
+    return metadata
+
+
 def resolve_dataset_dir(path: str) -> Path:
     candidate = Path(path)
     if candidate.is_absolute() or candidate.exists():
@@ -66,13 +91,15 @@ def resolve_dataset_dir(path: str) -> Path:
 
 def run(cfg: PrepareConfig) -> dict:
     run_dir = RunDir.open(cfg.run_dir)
-    fingerprint = config_fingerprint(cfg, exclude={"run_dir", "overwrite"})
+    dataset_dir = resolve_dataset_dir(cfg.dataset_dir)
+    items_path, sequences_path = find_file(dataset_dir, "items"), find_file(dataset_dir, "sequences")
+    metadata_path = dataset_dir / DATASET_METADATA
+    read = [items_path, sequences_path, *([metadata_path] if metadata_path.is_file() else [])]
+    fingerprint = config_fingerprint(cfg, exclude={"run_dir", "overwrite"}) | {"inputs": local_files(read)}
     if already_done(run_dir, ("data", "report.json"), fingerprint, cfg.overwrite, "prepare"):
         return run_dir.read_json("data", "report.json")
     start = time.perf_counter()
-    dataset_dir = resolve_dataset_dir(cfg.dataset_dir)
     report = DataReport()
-    items_path, sequences_path = find_file(dataset_dir, "items"), find_file(dataset_dir, "sequences")
     items = load_items(items_path, report, TextLimits(**cfg.max_chars.model_dump()))
     known = set(items.column("item_id").to_pylist())
     sequences = load_sequences(
@@ -85,12 +112,15 @@ def run(cfg: PrepareConfig) -> dict:
     )
     sliced = slice_users(sequences, cfg.max_users, cfg.seed)
     splits = leave_one_out(sliced)
+    metadata = load_metadata(metadata_path)
+    run_dir.write_json(metadata, "data", DATASET_METADATA)
     run_dir.write_parquet(items, "data", "items.parquet")
     for name, table in splits.items():
         run_dir.write_parquet(table, "data", f"{name}.parquet")
     interactions = sum(len(seq) for _, seq in sliced)
     result = {
         "dataset_dir": str(dataset_dir),
+        "dataset": metadata,
         "items": items.num_rows,
         "users": len(sliced),
         "users_before_slice": len(sequences),

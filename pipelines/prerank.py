@@ -43,6 +43,7 @@ from pipelines.common import (
     start_sid_ranker,
     stream_actor_pool,
 )
+from pipelines.lineage import stage_inputs
 from rec.config import Section, config_fingerprint
 from rec.io import RunDir
 from rec.metrics import ranking_metrics, target_ranks
@@ -284,6 +285,9 @@ def run(cfg: PrerankConfig) -> dict[str, Any]:
     if not pafs.LocalFileSystem().get_file_info(f"{model}/config.json").is_file:
         raise FileNotFoundError(f"no model at {model} (config.json missing); run the midtrain stage first")
     fingerprints = split_fingerprints(cfg, model)
+    inputs = stage_inputs(run_dir, "prerank")
+    for fingerprint in fingerprints.values():
+        fingerprint["inputs"] = inputs
     rows = build_rows(*(run_dir.read_parquet("data", f"{s}.parquet") for s in SPLITS), cfg)
     todo = splits_to_do(run_dir, fingerprints, cfg.overwrite)
     if cfg.overwrite and run_dir.exists("candidates", "_parts"):

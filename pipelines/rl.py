@@ -43,6 +43,7 @@ import torch
 from pydantic import Field, model_validator
 
 from pipelines.common import EngineSection, exit_on_user_error, init_ray, model_digest, parse_cli
+from pipelines.lineage import stage_inputs
 from pipelines.rl_trainer import RlJob, val_metrics
 from pipelines.traces import eligible_rows
 from pipelines.train_utils import (
@@ -206,7 +207,8 @@ def run(cfg: RlConfig) -> dict[str, Any]:
     output, ckpt_name = ("models", cfg.output), f"{cfg.output}_ckpt"
     train_rows, train_counts = load_rows(run_dir, "train", cfg, cfg.max_rows)
     eval_rows, eval_counts = load_rows(run_dir, "valid", cfg, cfg.rl.eval_rows)
-    fingerprint = config_fingerprint(cfg, exclude=RESUMABLE_FIELDS) | {"init_digest": model_digest(init)}
+    fingerprint = config_fingerprint(cfg, exclude=RESUMABLE_FIELDS) | {"init_digest": model_digest(init),
+                                                                       "inputs": stage_inputs(run_dir, "rl")}
     fingerprint["rl"].pop("steps")  # more steps continue the same run
     check_previous("rl", run_dir, ckpt_name, output, fingerprint, cfg.overwrite)
     done = read_trainer_state(run_dir, *output)

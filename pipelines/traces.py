@@ -51,6 +51,7 @@ from pipelines.common import (
     start_actor_engine,
     stream_actor_pool,
 )
+from pipelines.lineage import stage_inputs
 from rec.config import Section, config_fingerprint
 from rec.io import RunDir
 from rec.rerank import RerankPromptSection, RerankSamplingSection
@@ -199,13 +200,13 @@ class TeacherBatch:
 
         from pipelines.common import setup_logging
         from rec.engines.reranker import RANKING_PROCESSOR, RerankGenerator
-        from rec.rerank import PromptBuilder, catalogue, eos_token_id
+        from rec.rerank import PromptBuilder, eos_token_id
 
         setup_logging()
         self.cfg = cfg = TracesConfig.model_validate(cfg)
         self.run_id = uuid.uuid4().hex[:12]  # marks the rows this actor wrote (a resumed run keeps earlier ones)
         tokenizer = AutoTokenizer.from_pretrained(model)
-        self.prompts = PromptBuilder(tokenizer, *catalogue(RunDir.open(run_dir)), cfg.prompt)
+        self.prompts = PromptBuilder.for_run(tokenizer, RunDir.open(run_dir), cfg.prompt)
         eos_id = eos_token_id(tokenizer, cfg.teacher.eos_token, model)
         if cfg.backend == "hf":
             import torch
@@ -356,6 +357,7 @@ def run(cfg: TracesConfig) -> dict[str, Any]:
     if not run_dir.exists("candidates", "train.parquet"):
         raise FileNotFoundError(f"{run_dir.path('candidates', 'train.parquet')} missing; run the prerank stage first")
     final_fp, parts_fp = fingerprints(cfg, model)
+    final_fp["inputs"] = parts_fp["inputs"] = stage_inputs(run_dir, "traces")
     previous = finished_fingerprint(run_dir, cfg.mode)
     parts = Parts(run_dir, "traces", cfg.mode, parts_fp)
     if previous is not None and not cfg.overwrite:

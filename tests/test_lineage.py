@@ -1,0 +1,56 @@
+"""Lineage: a rerun skips only when the config and the files a stage read are what they were."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import write_jsonl
+from pipelines.common import StageOutputsMismatch
+from pipelines.lineage import READS, STAGES, changed_inputs_message, later_stages, run_inputs
+from pipelines.prepare import PrepareConfig
+from pipelines.prepare import run as run_prepare
+from rec.io import RunDir
+
+
+def test_prepare_reruns_only_when_its_dataset_files_are_the_same(small_dataset, tmp_path):
+    cfg = PrepareConfig(run_dir=str(tmp_path / "run"), dataset_dir=str(small_dataset))
+    first = run_prepare(cfg)
+    assert run_prepare(cfg) == first  # same config, same files: skipped
+    sequences = small_dataset / "sequences.jsonl"
+    write_jsonl(sequences, [{"user_id": 1, "item_ids": [1, 2, 3, 4, 5]}, {"user_id": 2, "item_ids": [2, 3, 5]}])
+    with pytest.raises(StageOutputsMismatch) as err:
+        run_prepare(cfg)
+    message = str(err.value)
+    assert f"{sequences} changed" in message and "items.jsonl" not in message
+    assert "Rerun prepare with overwrite=true, and after it sid, midtrain" in message
+    assert "make demo FROM=prepare" in message
+    redone = run_prepare(cfg.model_copy(update={"overwrite": True}))
+    assert redone["users"] == 2
+    assert run_prepare(cfg)["users"] == 2  # and the new files are what the next rerun compares with
+
+
+def test_run_inputs_digest_content_not_time(small_dataset, tmp_path):
+    run_dir = RunDir.open(str(tmp_path / "run"))
+    run_prepare(PrepareConfig(run_dir=run_dir.root, dataset_dir=str(small_dataset)))
+    before = run_inputs(run_dir, ["data/items.parquet", "data/train.parquet", "sid/sid_map.parquet"])
+    assert before["sid/sid_map.parquet"] == "missing"
+    items = (tmp_path / "run" / "data" / "items.parquet")
+    items.write_bytes(items.read_bytes())  # rewritten, same bytes: same digest
+    assert run_inputs(run_dir, ["data/items.parquet"])["data/items.parquet"] == before["data/items.parquet"]
+    items.write_bytes(items.read_bytes() + b"\0")
+    assert run_inputs(run_dir, ["data/items.parquet"])["data/items.parquet"] != before["data/items.parquet"]
+
+
+def test_every_stage_reads_only_what_earlier_stages_write():
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    writers = {"data": "prepare", "sid": "sid", "candidates": "prerank", "traces": "traces"}
+    for stage, paths in READS.items():
+        for path in paths:
+            assert order[writers[path.split("/")[0]]] < order[stage], (stage, path)
+    assert later_stages("sft") == ("rl", "evaluate") and later_stages("evaluate") == ()
+
+
+def test_outputs_of_an_older_version_are_named_as_such():
+    message = changed_inputs_message("rl", "/r/models/rl_ckpt/fingerprint.json", {"seed": 0},
+                                     {"seed": 0, "inputs": {"data/items.parquet": "x"}})
+    assert "written before this version recorded its inputs" in message and "after it evaluate" in message
