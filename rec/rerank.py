@@ -234,6 +234,9 @@ def final_ranking(parsed: ParseResult, candidates: Sequence[int]) -> tuple[list[
     return list(candidates), parsed.reason
 
 
+DATASET_PRIMING = "dataset"
+
+
 class RerankPromptSection(Section):
     """How re-rank prompts are built; the teacher, SFT, evaluation, RL and serving all read this section."""
 
@@ -242,7 +245,8 @@ class RerankPromptSection(Section):
     max_title_chars: int | None = Field(default=100, ge=8)
     """Titles longer than this are cut."""
     priming: str | None = None
-    """Domain knowledge added to every prompt (e.g. what sells together in beauty)."""
+    """Domain knowledge added to every prompt (what sells together in this catalogue): the text, or `dataset` for
+    the `priming` of the dataset's metadata (data/dataset.json, from the dataset folder's dataset.json), or null."""
     chat_template_kwargs: dict = Field(default_factory=dict)
     """Extra arguments for the tokenizer's chat template, e.g. {enable_thinking: true} for Qwen3."""
 
@@ -295,6 +299,14 @@ class PromptBuilder:
             count_tokens=self.count_tokens, history_token_budget=s.history_token_budget,
             max_title_chars=s.max_title_chars,
         )
+
+    @classmethod
+    def for_run(cls, tokenizer, run_dir, section: RerankPromptSection) -> PromptBuilder:
+        """The builder for a run directory's catalogue (`rec.io.RunDir`), with `priming: dataset` resolved."""
+        if section.priming == DATASET_PRIMING:
+            metadata = run_dir.read_json("data", "dataset.json") if run_dir.exists("data", "dataset.json") else {}
+            section = section.model_copy(update={"priming": metadata.get("priming")})
+        return cls(tokenizer, *catalogue(run_dir), section)
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> tuple[str, list[int]]:
         """(chat text up to the assistant turn, its token ids)."""

@@ -341,3 +341,13 @@ def test_missing_file_names_the_stage_that_writes_it(prepared_run):
 ])
 def test_writer_stage_of_each_run_dir_folder(parts, stage):
     assert writer_stage(*parts) == stage
+
+
+def test_dataset_metadata_is_copied_and_checked(small_dataset, tmp_path):
+    (small_dataset / "dataset.json").write_text(json.dumps({"name": "Six lipsticks", "priming": "Lips."}))
+    report = run(PrepareConfig(run_dir=str(tmp_path / "run"), dataset_dir=str(small_dataset)))
+    assert report["dataset"] == {"name": "Six lipsticks", "priming": "Lips."}
+    assert json.loads((tmp_path / "run" / "data" / "dataset.json").read_text())["priming"] == "Lips."
+    (small_dataset / "dataset.json").write_text(json.dumps({"nmae": "typo"}))
+    with pytest.raises(DataError, match=r"dataset.json: unknown field 'nmae' \(known: name, priming, citation\)"):
+        run(PrepareConfig(run_dir=str(tmp_path / "run2"), dataset_dir=str(small_dataset)))

@@ -21,8 +21,11 @@ from rec.rerank import (
     TRUNCATED,
     UNKNOWN_SID,
     Item,
+    PromptBuilder,
+    RerankPromptSection,
     RerankSamplingSection,
     build_messages,
+    catalogue,
     escape_text,
     format_answer,
     parse_answer,
@@ -206,3 +209,18 @@ def test_lengths_travel_in_gr2_rerank_json_and_old_files_stay_readable(tmp_path)
     (tmp_path / RERANK_SETTINGS).write_text(json.dumps({**old, "lengths": {"max_answer_tokens": 0}}))
     with pytest.raises(ConfigError, match="not valid re-rank settings: lengths.max_answer_tokens"):
         load_model_settings(str(tmp_path), prompt, "<eos>")
+
+
+def test_priming_dataset_takes_the_catalogues_own_metadata(tmp_path):
+    run_dir = make_prerank_run_dir(tmp_path, max_users=5)
+    tokenizer, _ = load_student(run_dir.local_path("models", "midtrain"), dtype=torch.float32)
+    section = RerankPromptSection(priming="dataset")
+    items = list(catalogue(run_dir)[0])[:3]
+    unprimed = PromptBuilder.for_run(tokenizer, run_dir, section).messages(items[:1], items[1:])
+    assert PromptBuilder.for_run(tokenizer, run_dir, RerankPromptSection()).messages(items[:1], items[1:]) == unprimed
+    run_dir.write_json({"name": "Garden tools", "priming": "Gardeners buy gloves with secateurs."},
+                       "data", "dataset.json")
+    user = PromptBuilder.for_run(tokenizer, run_dir, section).messages(items[:1], items[1:])[1]["content"]
+    assert "Gardeners buy gloves with secateurs." in user and "dataset" not in user
+    explicit = PromptBuilder.for_run(tokenizer, run_dir, RerankPromptSection(priming="Own text."))
+    assert "Own text." in explicit.messages(items[:1], items[1:])[1]["content"]
