@@ -8,9 +8,10 @@ data parallelism.
 
 Checkpoints: every `checkpoint_every_steps`, and at the last step, each worker reports one directory, merged by
 Ray Train into `<storage>/<name>/checkpoint_.../`: rank 0 writes a complete HF checkpoint (safetensors, config,
-tokenizer), `trainer_state.json` and `train_log.jsonl`; every rank writes its DeepSpeed shard under `deepspeed/`
-(optimizer and scheduler state, so a resumed run continues exactly where it stopped). A rerun with the same
-storage and name resumes from the latest checkpoint (Ray Train V2 restores its checkpoint manager from storage).
+tokenizer), `trainer_state.json`, `train_log.jsonl` and the same records as TensorBoard scalars under `tb/`; every rank
+writes its DeepSpeed shard under `deepspeed/` (optimizer and scheduler state, so a resumed run continues exactly where
+it stopped). A rerun with the same storage and name resumes from the latest checkpoint (Ray Train V2 restores its
+checkpoint manager from storage).
 `publish_checkpoint` copies the HF files (not the DeepSpeed shards) of a checkpoint to a stage's output folder;
 the RL stage publishes straight from the trainer instead (`save_checkpoint(..., publish_to=...)`).
 """
@@ -42,6 +43,7 @@ DS_TAG = "state"
 DEEPSPEED_DIR = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
 TRAIN_LOG = "train_log.jsonl"
+TENSORBOARD_DIR = "tb"
 
 
 class TrainSection(Section):
@@ -225,6 +227,7 @@ def save_checkpoint(engine, job: TrainJob, state: dict[str, Any], history: list[
                 json.dump(state, out, indent=2)
             with open(os.path.join(directory, TRAIN_LOG), "w") as out:
                 out.writelines(json.dumps(record) + "\n" for record in history)
+            write_tensorboard(history, os.path.join(directory, TENSORBOARD_DIR))
             if publish_to is not None:
                 publish_directory(directory, publish_to[0], *publish_to[1])
         ray.train.report(
@@ -234,6 +237,29 @@ def save_checkpoint(engine, job: TrainJob, state: dict[str, Any], history: list[
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a `train_log.jsonl` field: held-out metrics under `eval/`, the rest under `train/`.
+
+    >>> tensorboard_tag("loss"), tensorboard_tag("eval_loss"), tensorboard_tag("val_ndcg@5")
+    ('train/loss', 'eval/eval_loss', 'eval/val_ndcg@5')
+    """
+    return f"eval/{key}" if key.startswith(("eval_", "val_")) else f"train/{key}"
+
+
+def write_tensorboard(history: list[dict], directory: str) -> str:
+    """Every number of every record (but `step`, the x axis) as a TensorBoard scalar at that record's step, in one
+    new event file under `directory`; returns the folder. Written whole from the history at each checkpoint (like
+    `train_log.jsonl`), so a resumed run's curves hold each step once."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=directory) as writer:
+        for record in history:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    writer.add_scalar(tensorboard_tag(key), value, global_step=record["step"])
+    return directory
 
 
 def restore(engine, job: TrainJob, world_size: int) -> tuple[dict[str, Any], list[dict]]:
@@ -480,34 +506,40 @@ def count_parameters(run_dir: RunDir, *parts: str) -> int | None:
 
 
 def publish_checkpoint(checkpoint, run_dir: RunDir, *parts: str) -> str:
-    """Copy a checkpoint's HF files (weights, config, tokenizer, logs) to `parts`, reading them straight from the
-    checkpoint's storage: the DeepSpeed shards (optimizer state) are never downloaded."""
-    import pyarrow.fs as pafs
-
-    fs, root = checkpoint.filesystem, checkpoint.path
-    files = [info.path for info in fs.get_file_info(pafs.FileSelector(root)) if info.type == pafs.FileType.File]
-    return _publish_files(fs, files, run_dir, *parts)
+    """Copy a checkpoint's HF files (weights, config, tokenizer, logs, `tb/`) to `parts`, reading them straight from
+    the checkpoint's storage: the DeepSpeed shards (optimizer state) are never downloaded."""
+    return _publish_files(checkpoint.filesystem, checkpoint.path, run_dir, *parts)
 
 
 def publish_directory(directory: str, run_dir: RunDir, *parts: str) -> str:
     """Copy a local folder's HF files (not its DeepSpeed shards) to `parts` of the run dir (see `_publish_files`)."""
     import pyarrow.fs as pafs
 
-    files = [os.path.join(directory, name) for name in sorted(os.listdir(directory))
-             if name != DEEPSPEED_DIR and os.path.isfile(os.path.join(directory, name))]
-    return _publish_files(pafs.LocalFileSystem(), files, run_dir, *parts)
+    return _publish_files(pafs.LocalFileSystem(), directory, run_dir, *parts)
 
 
-def _publish_files(fs, files: list[str], run_dir: RunDir, *parts: str) -> str:
-    """The files into a temporary sibling of `parts`, then renamed into place, so readers never see a half written
-    model; an older model there is replaced."""
+def _publish_files(fs, root: str, run_dir: RunDir, *parts: str) -> str:
+    """Every file under `root` but the DeepSpeed shards (subfolders such as `tb/` included) into a temporary sibling
+    of `parts`, then renamed into place, so readers never see a half written model; an older model there is
+    replaced."""
+    import pyarrow.fs as pafs
+
+    root = root.rstrip("/")
+    names = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if not info.path.startswith(f"{root}/"):
+            raise RuntimeError(f"listing {root} returned {info.path}, which is not under it")
+        name = info.path[len(root) + 1:]
+        if info.type == pafs.FileType.File and name.split("/", 1)[0] != DEEPSPEED_DIR:
+            names.append(name)
     target = run_dir.path(*parts)
     parent, leaf = target.rsplit("/", 1)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{leaf}"
     run_dir.fs.create_dir(tmp, recursive=True)
-    for source in sorted(files):
-        name = source.rstrip("/").rsplit("/", 1)[-1]
-        with fs.open_input_stream(source) as src, run_dir.fs.open_output_stream(f"{tmp}/{name}") as out:
+    for name in sorted(names):
+        if "/" in name:
+            run_dir.fs.create_dir(f"{tmp}/{name.rsplit('/', 1)[0]}", recursive=True)
+        with fs.open_input_stream(f"{root}/{name}") as src, run_dir.fs.open_output_stream(f"{tmp}/{name}") as out:
             shutil.copyfileobj(src, out, length=16 << 20)
     old = None
     if run_dir.exists(*parts):

@@ -11,6 +11,7 @@ import torch
 from beam_fixtures import make_prerank_run_dir
 from prerank_candidates import write_candidates
 from safetensors.torch import load_file
+from test_sft import assert_tensorboard_matches
 
 from pipelines.common import REPO_ROOT
 from pipelines.rl import RlConfig, run
@@ -114,6 +115,8 @@ def test_stage_trains_publishes_and_skips_when_finished(rl_run_dir, tmp_path):
         assert record["kept_group_fraction"] > 0 and record["invalid_rate"] == 0.0  # constrained answers
         assert {"reward_mean", "identity_rate", "clip_fraction", "entropy", "response_length", "val_ndcg@5",
                 "val_recall@1", "sync_s"} <= set(record)
+    assert_tensorboard_matches(out, log, {"train/reward_mean", "train/identity_rate", "train/kept_group_fraction",
+                                          "train/loss", "eval/val_ndcg@5", "eval/val_recall@1"})
     before, after = load_file(f"{model_dir}/model.safetensors"), load_file(out / "model.safetensors")
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert len(changed) == len(before), f"unchanged: {sorted(set(before) - set(changed))}"

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from pipelines.common import REPO_ROOT
 from pipelines.sft import SftConfig, run
-from pipelines.train_utils import read_train_log, read_trainer_state
+from pipelines.train_utils import read_train_log, read_trainer_state, tensorboard_tag
 from rec.config import ConfigError, load_config
 from rec.rerank import PromptBuilder, RerankPromptSection, catalogue, format_answer, parse_answer
 from rec.sft_data import IGNORE_INDEX, answer_segments, build_example, collate, weighted_lm_loss
@@ -137,6 +138,26 @@ def test_config_keeps_reasoning_weighted_below_the_ranking():
     assert _config("x", "source=target").output_name == "sft_target"
 
 
+def assert_tensorboard_matches(model_dir, history: list[dict], must_have: set[str]) -> None:
+    """`<model_dir>/tb/` holds one event file whose scalars, read back by TensorBoard, are the numbers of
+    train_log.jsonl at their steps (float32 in the file); `must_have` tags are among them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = list((Path(model_dir) / "tb").glob("events.out.tfevents.*"))
+    assert len(event_files) == 1, event_files
+    events = EventAccumulator(str(event_files[0])).Reload()
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for record in history:
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                expected.setdefault(tensorboard_tag(key), []).append((record["step"], value))
+    assert must_have <= set(events.Tags()["scalars"]) == set(expected)
+    for tag, points in expected.items():
+        logged = [(event.step, event.value) for event in events.Scalars(tag)]
+        assert [step for step, _ in logged] == [step for step, _ in points], tag
+        assert np.allclose([v for _, v in logged], [v for _, v in points], rtol=1e-6), tag
+
+
 def _train_and_check(run_dir, zero_stage: int) -> dict:
     output = f"sft_zero{zero_stage}"
     report = run(_config(run_dir.root, f"train.zero_stage={zero_stage}", "train.max_steps=6", f"output={output}"))
@@ -144,6 +165,8 @@ def _train_and_check(run_dir, zero_stage: int) -> dict:
     history = read_train_log(run_dir, "models", output)
     assert history[-1]["loss"] < history[0]["loss"], [r["loss"] for r in history]
     assert report["final_eval_loss"] is not None
+    assert_tensorboard_matches(run_dir.local_path("models", output), history,
+                               {"train/loss", "train/lr", "train/tokens_per_s", "eval/eval_loss"})
     before = load_file(os.path.join(run_dir.local_path("models", "midtrain"), "model.safetensors"))
     after = load_file(os.path.join(run_dir.local_path("models", output), "model.safetensors"))
     assert before.keys() == after.keys()
