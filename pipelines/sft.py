@@ -216,13 +216,15 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     metrics = result.metrics or {}
     mean_tokens = float(np.mean([len(row["input_ids"]) for row in train_rows]))
     history = read_train_log(run_dir, *output)
-    evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None]
     report = {
         "model_dir": run_dir.path(*output), "source": cfg.source, "init_model": init, **counts,
         "train_examples": len(train_rows), "eval_examples": len(eval_rows), "steps": state["step"],
         "resumed_from_step": state.get("resumed_from_step"), "first_loss": history[0]["loss"] if history else None,
-        "final_loss": metrics.get("loss"), "first_eval_loss": evals[0] if evals else None,
-        "final_eval_loss": evals[-1] if evals else None, "tokens_per_s": metrics.get("tokens_per_s"),
+        # the first evaluation runs at step eval_every_steps (or the last step), not before training
+        "final_loss": metrics.get("loss"), "eval_loss_first": evals[0][1] if evals else None,
+        "eval_loss_first_step": evals[0][0] if evals else None,
+        "final_eval_loss": evals[-1][1] if evals else None, "tokens_per_s": metrics.get("tokens_per_s"),
         # tokens/s is measured after start-up (train_utils); an example averages `mean_tokens` non-pad tokens
         "samples_per_s": metrics["tokens_per_s"] / mean_tokens if metrics.get("tokens_per_s") else None,
         "parameters": count_parameters(run_dir, *output), "seconds_train": round(train_seconds, 1),

@@ -164,7 +164,10 @@ def _train_and_check(run_dir, zero_stage: int) -> dict:
     assert report["examples"] == 22 and report["steps"] == 6  # the 2 rejected rows are not trained on
     history = read_train_log(run_dir, "models", output)
     assert history[-1]["loss"] < history[0]["loss"], [r["loss"] for r in history]
-    assert report["final_eval_loss"] is not None
+    assert report["final_eval_loss"] is not None and "first_eval_loss" not in report
+    evaluated = [r for r in history if r.get("eval_loss") is not None]
+    assert report["eval_loss_first_step"] == evaluated[0]["step"] == 2  # eval_every_steps, not step 0
+    assert report["eval_loss_first"] == evaluated[0]["eval_loss"]
     assert_tensorboard_matches(run_dir.local_path("models", output), history,
                                {"train/loss", "train/lr", "train/tokens_per_s", "eval/eval_loss"})
     before = load_file(os.path.join(run_dir.local_path("models", "midtrain"), "model.safetensors"))
