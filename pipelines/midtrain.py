@@ -37,7 +37,18 @@ from pipelines.train_utils import (
 )
 from rec.config import Section, StageConfig, config_fingerprint
 from rec.io import RunDir
-from rec.midtrain_data import TASKS, build_task_examples, collate, mix, mixture_stats, pack, tokenizer_corpus, unpacked
+from rec.midtrain_data import (
+    PACKING_FORMAT,
+    TASKS,
+    build_task_examples,
+    collate,
+    mix,
+    mixture_stats,
+    model_inputs,
+    pack,
+    tokenizer_corpus,
+    unpacked,
+)
 from rec.model import ModelSection
 
 log = logging.getLogger("gr2.midtrain")
@@ -147,8 +158,13 @@ def build_student(model_cfg: ModelSection, files: dict[str, bytes], seed: int, d
 
 
 def causal_lm_loss(model, batch) -> tuple[Any, int]:
-    """Mean next-token loss over the label tokens (answers only); tokens = non-padding positions."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    """Mean next-token loss over the label tokens (answers only); tokens = non-padding positions.
+
+    Every packed example attends only to itself (`rec.midtrain_data.model_inputs`: per-example position_ids, so
+    sdpa/eager get a block-diagonal causal mask and flash kernels varlen boundaries).
+    """
+    module = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
+    out = model(**model_inputs(batch, module.config._attn_implementation))
     return out.loss, int(batch["attention_mask"].sum())
 
 
@@ -167,6 +183,9 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
         "inputs": {"items": len(items["item_id"]), "train_users": train_table.num_rows, "sid_levels": levels,
                    "codebook_size": codebook_size},
     }
+    if cfg.data.packing:
+        # checkpoints trained on rows of another packing format (format 1 attended across examples) are not resumed
+        fingerprint["packing_format"] = PACKING_FORMAT
     check_previous("midtrain", run_dir, CKPT_NAME, OUTPUT, fingerprint, cfg.overwrite)
 
     tokenizer = prepare_tokenizer(cfg, run_dir, items["text"], levels, codebook_size)

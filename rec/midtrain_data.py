@@ -13,6 +13,20 @@ The mixture weight of a task is how many passes over that task's examples one mi
 task, 0.5 takes a seeded random half, 2 repeats it twice). Examples are then shuffled and either packed into rows
 of `seq_len` tokens or kept one per row; `collate` pads a batch of rows. Everything is plain python/numpy/torch.
 
+Packed rows never leak across examples (`PACKING_FORMAT`): every row carries `position_ids` that restart at 0 at
+each example (padding is one more run from 0), the first label of each example is masked (otherwise the loss
+shift would predict it from the previous example's last token), and `model_inputs` gives the model those
+positions with `attention_mask=None` and `use_cache=False`. transformers' `masking_utils` (read in 5.19) then
+detects the packed runs (`find_packed_sequence_indices`) and builds a block-diagonal causal mask for sdpa, eager
+and flex attention: the CPU path (fp32) and the bf16 GPU presets, which run sdpa too (no preset sets
+`attn_implementation`), under any ZeRO stage (DeepSpeed passes the keyword arguments through). The mask is
+[batch, 1, T, T] booleans, 4 MiB per 2048-token row. Flash-attention kernels take no mask, so for them
+`model_inputs` adds the varlen boundaries (`cu_seq_lens_q/k` over the flattened batch, which transformers' own
+padding-free path infers from positions only at batch size 1). Why not a hand-made 4-D mask: flash kernels cannot
+take one, and this way one description of the rows serves every kernel. A 2-D padding mask or a cache (which the
+model creates when `use_cache` is on, in training too) switches the packed detection off, silently. Each example's
+logits are then those of the example alone (tests/test_midtrain_data.py checks sdpa and eager to 1e-5 in fp32).
+
 The pre-ranker must prompt exactly as `next_item` trains: use `next_item_prompt_ids`, then decode
 `<|sid_begin|>` and one code per level.
 """
@@ -34,6 +48,9 @@ TASKS = ("next_item", "sid_to_text", "text_to_sid")
 NEXT_ITEM_PREFIX = "Purchase history:"
 SID_TO_TEXT_PROMPT = ("Item ", " is: ")
 TEXT_TO_SID_PROMPT = ("Item: ", "\nSemantic ID: ")
+PACKING_FORMAT = 2
+"""Version of the packed-row format, part of the midtrain fingerprint. 1: every token attended to the earlier
+examples of its row. 2: positions and attention restart at each example, and each example's first label is masked."""
 
 
 @dataclass(frozen=True)
@@ -189,50 +206,91 @@ def mix(tasks: Mapping[str, list[Example]], weights: Mapping[str, float], seed: 
 def pack(examples: Iterable[Example], seq_len: int) -> list[dict[str, list[int]]]:
     """Concatenate examples in order into rows of at most `seq_len` tokens (an example is never split).
 
-    Examples longer than `seq_len` are an error: chunk or truncate them first (`max_len`, `max_text_tokens`).
+    Each row's `position_ids` restart at 0 at every example, which keeps examples apart in attention (module
+    docstring), and each example's first label is masked: alone it is never predicted (nothing comes before it),
+    packed it would be predicted from the previous example's last token. Examples longer than `seq_len` are an
+    error: chunk or truncate them first (`max_len`, `max_text_tokens`).
     """
     rows: list[dict[str, list[int]]] = []
-    ids: list[int] = []
-    labels: list[int] = []
+    row = _empty_row()
     for example in examples:
         if len(example.input_ids) > seq_len:
             raise ValueError(
                 f"{example.task} example from {example.source} has {len(example.input_ids)} tokens > seq_len "
                 f"{seq_len}; lower max_len / max_text_tokens or raise seq_len"
             )
-        if len(ids) + len(example.input_ids) > seq_len:
-            rows.append({"input_ids": ids, "labels": labels})
-            ids, labels = [], []
-        ids.extend(example.input_ids)
-        labels.extend(example.labels)
-    if ids:
-        rows.append({"input_ids": ids, "labels": labels})
+        if len(row["input_ids"]) + len(example.input_ids) > seq_len:
+            rows.append(row)
+            row = _empty_row()
+        row["input_ids"].extend(example.input_ids)
+        row["labels"].extend([IGNORE_INDEX, *example.labels[1:]] if example.labels else [])
+        row["position_ids"].extend(range(len(example.input_ids)))
+    if row["input_ids"]:
+        rows.append(row)
     return rows
+
+
+def _empty_row() -> dict[str, list[int]]:
+    return {"input_ids": [], "labels": [], "position_ids": []}
 
 
 def unpacked(examples: Iterable[Example]) -> list[dict[str, list[int]]]:
     """One row per example (for padded batches)."""
-    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    return [
+        {"input_ids": e.input_ids, "labels": e.labels, "position_ids": list(range(len(e.input_ids)))} for e in examples
+    ]
 
 
 def collate(rows: Mapping[str, Any] | Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad rows to the longest: input_ids (pad_id), labels (-100), attention_mask (0 on padding).
+    """Pad rows to the longest: input_ids (pad_id), labels (-100), position_ids, attention_mask (0 on padding).
 
-    Accepts a list of row dicts or a Ray Data numpy batch (a dict of columns).
+    The padding of a row gets positions 0, 1, ... of its own, so it is one more packed run that no real token
+    attends to (`model_inputs` passes no attention_mask: the mask counts tokens). A row without `position_ids` is
+    one example (0 .. n-1). Accepts a list of row dicts or a Ray Data numpy batch (a dict of columns).
     """
     if isinstance(rows, Mapping):
         columns = rows
-        rows = [{"input_ids": ids, "labels": lab} for ids, lab in zip(columns["input_ids"], columns["labels"])]
+        names = [name for name in ("input_ids", "labels", "position_ids") if name in columns]
+        rows = [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
     width = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.from_numpy(np.array(row["input_ids"], dtype=np.int64))
         labels[i, :n] = torch.from_numpy(np.array(row["labels"], dtype=np.int64))
+        positions = row.get("position_ids")
+        position_ids[i, :n] = torch.arange(n) if positions is None else torch.from_numpy(np.array(positions, np.int64))
+        position_ids[i, n:] = torch.arange(width - n)
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], attn_implementation: str | None = "sdpa") -> dict[str, Any]:
+    """The model's keyword arguments for a collated batch: each packed example attends only to itself.
+
+    `attention_mask` is left out and `use_cache` is off on purpose: transformers builds the block-diagonal mask from
+    `position_ids` only when there is neither (module docstring). Flash-attention implementations also get the
+    varlen boundaries of every packed run of the flattened batch.
+    """
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": batch["labels"],
+              "use_cache": False}
+    if attn_implementation is not None and "flash" in attn_implementation:
+        inputs.update(flash_varlen_kwargs(batch["position_ids"]))
+    return inputs
+
+
+def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+    """`cu_seq_lens_q/k` and `max_length_q/k` of the runs of `position_ids` (a run starts at 0), over the flattened
+    batch, as transformers' `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` gives them."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1)
+    cu_seq_lens = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    longest = int(cu_seq_lens.diff().max())
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest, "max_length_k": longest}
 
 
 def mixture_stats(examples: Sequence[Example]) -> dict[str, dict[str, int]]:

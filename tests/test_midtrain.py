@@ -1,7 +1,8 @@
 """The midtrain stage end to end: Ray Train + DeepSpeed ZeRO over gloo on a slice of Beauty, resume, loading.
 
-The fast test trains a tiny model for a few steps with 2 workers (ZeRO-2); the slow ones cover resuming from a
-checkpoint, ZeRO-3, and loading the published model in vLLM (`pytest -m slow tests/test_midtrain.py`).
+The fast test trains a tiny model for a few steps with 2 workers (ZeRO-2) on packed rows; the slow ones cover
+resuming from a checkpoint, ZeRO-3 on unpacked rows, and loading the published model in vLLM
+(`pytest -m slow tests/test_midtrain.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipelines.midtrain import CKPT_NAME, OUTPUT, RESUMABLE_FIELDS, MidtrainConf
 from pipelines.train_utils import check_previous, read_train_log, read_trainer_state, tokenizer_files
 from rec.config import ConfigError, config_fingerprint, load_config
 from rec.io import RunDir
-from rec.midtrain_data import SidEncoder, next_item_prompt_ids
+from rec.midtrain_data import PACKING_FORMAT, SidEncoder, next_item_prompt_ids
 from rec.model import encode_text
 
 TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "midtrain.yaml"
@@ -97,6 +98,14 @@ def test_midtrain_two_workers_zero2_trains_and_publishes(tmp_path, ray_cluster):
     # a rerun with the same config finds the finished model and does nothing
     assert run(cfg) == report
 
+    # checkpoints of rows packed the old way (attending across examples; no packing_format) are not resumed
+    assert report["config"]["packing_format"] == PACKING_FORMAT
+    marker = ("models", CKPT_NAME, "fingerprint.json")
+    old_format = {k: v for k, v in run_dir.read_json(*marker).items() if k != "packing_format"}
+    run_dir.write_json(old_format, *marker)
+    with pytest.raises(StageOutputsMismatch, match=r"fields differ: packing_format\)"):
+        run(cfg)
+
 
 @pytest.mark.slow
 def test_rerun_resumes_from_the_latest_checkpoint_exactly(tmp_path, ray_cluster):
@@ -144,9 +153,12 @@ def test_a_killed_run_resumes_from_its_first_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_midtrain_zero3_and_vllm_loads_the_model(tmp_path, ray_cluster):
+def test_midtrain_zero3_unpacked_and_vllm_loads_the_model(tmp_path, ray_cluster):
     run_dir = make_run_dir(tmp_path / "run", max_users=60)
-    run(_config(tmp_path / "run", "train.max_steps=4", "train.zero_stage=3"))
+    report = run(_config(tmp_path / "run", "train.max_steps=4", "train.zero_stage=3", "data.packing=false"))
+    # one padded example per row; its fingerprint has no packing format
+    assert report["rows"] == sum(task["examples"] for task in report["mixture"].values())
+    assert "packing_format" not in report["config"]
     path, tokenizer, model = _published(run_dir)
     prompt = encode_text(tokenizer, "Item: Lipstick")
     # min tokens: both engines suppress the stop tokens for 8 steps, so an early stop cannot hide a mismatch

@@ -1,4 +1,8 @@
-"""Mid-training data (rec/midtrain_data.py): task examples, loss masks, no leakage, mixture, packing, collate."""
+"""Mid-training data (rec/midtrain_data.py): task examples, loss masks, no leakage, mixture, packing, collate.
+
+Packing is checked on a real config-built Qwen3 (fp32): an example's logits and loss are the same packed between
+other examples as alone, through the keyword arguments the midtrain loss gives the model.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from midtrain_fixtures import CODEBOOK_SIZE, make_run_dir
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
+from pipelines.midtrain import causal_lm_loss
 from rec.midtrain_data import (
     IGNORE_INDEX,
     Example,
@@ -15,13 +21,15 @@ from rec.midtrain_data import (
     collate,
     mix,
     mixture_stats,
+    model_inputs,
     next_item_examples,
     next_item_prompt_ids,
     pack,
     sid_text_examples,
     tokenizer_corpus,
+    unpacked,
 )
-from rec.model import train_tokenizer
+from rec.model import ModelSection, build_tiny_model, train_tokenizer
 from rec.sid.codes import parse_sid
 
 ITEM_IDS = list(range(10, 30))
@@ -154,10 +162,13 @@ def test_mixture_weights_are_passes_over_each_task():
 
 def test_pack_fills_rows_without_splitting_examples():
     examples = _examples("next_item", 10)
+    examples[3] = Example("next_item", 3, [3, 4, 5], [3, 4, 5])  # a label at its first token: nothing predicts it
     rows = pack(examples, seq_len=7)
     assert [len(r["input_ids"]) for r in rows] == [6, 6, 6, 6, 6]
     assert [t for r in rows for t in r["input_ids"]] == [t for e in examples for t in e.input_ids]
-    assert [t for r in rows for t in r["labels"]] == [t for e in examples for t in e.labels]
+    assert all(r["position_ids"] == [0, 1, 2, 0, 1, 2] for r in rows)
+    # every loss target of every example is kept; an example's first token is never a target packed
+    assert [t for r in rows for t in r["labels"]] == [t for e in examples for t in [IGNORE_INDEX, *e.labels[1:]]]
     with pytest.raises(ValueError, match="next_item example from 0 has 3 tokens > seq_len 2"):
         pack(examples, seq_len=2)
 
@@ -168,10 +179,80 @@ def test_collate_pads_rows_and_masks_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    # a Ray Data numpy batch (dict of columns of arrays) gives the same tensors
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]  # the padding is a run of its own
+    # a Ray Data numpy batch (dict of columns of arrays) gives the same tensors, position_ids included
     columns = {"input_ids": np.array([np.array([5, 6, 7]), np.array([8])], dtype=object),
-               "labels": np.array([np.array([-100, 6, 7]), np.array([8])], dtype=object)}
+               "labels": np.array([np.array([-100, 6, 7]), np.array([8])], dtype=object),
+               "position_ids": np.array([np.array([0, 1, 2]), np.array([0])], dtype=object)}
     assert all(torch.equal(batch[k], v) for k, v in collate(columns, pad_id=0).items())
+    packed = collate(pack(_examples("next_item", 2), seq_len=6) + [{"input_ids": [1], "labels": [1]}], pad_id=0)
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2], [0, 0, 1, 2, 3, 4]]
+
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    dims = ModelSection(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64)
+    return build_tiny_model(dims, VOCAB, seed=0).eval()
+
+
+def _random_example(rng: np.random.Generator, length: int, first_label: int) -> Example:
+    ids = rng.integers(1, VOCAB, size=length).tolist()
+    return Example("next_item", length, ids, [IGNORE_INDEX] * first_label + ids[first_label:])
+
+
+@pytest.fixture(scope="module")
+def packed_examples() -> tuple[list[Example], dict[str, torch.Tensor]]:
+    """Three examples packed into one row (the middle one labelled from its very first token) and, in a second row,
+    the middle one alone unpacked and padded."""
+    rng = np.random.default_rng(0)
+    examples = [_random_example(rng, 5, 2), _random_example(rng, 9, 0), _random_example(rng, 6, 3)]
+    rows = pack(examples, seq_len=32) + unpacked(examples[1:2])
+    assert len(rows) == 2
+    return examples + examples[1:2], collate(rows, pad_id=0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_examples_attend_only_to_themselves(small_model, packed_examples, attention):
+    small_model.set_attn_implementation(attention)
+    examples, batch = packed_examples
+    with torch.no_grad():
+        logits = small_model(**model_inputs(batch, attention)).logits
+        alone = [small_model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples]
+        # the old rows (no positions, a padding mask only) let the middle example see the first one
+        leaky = small_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    spans = [(0, 0, 5), (0, 5, 14), (0, 14, 20), (1, 0, 9)]  # (row, start, end) of each example
+    for (row, start, end), expected in zip(spans, alone):
+        torch.testing.assert_close(logits[row, start:end], expected, atol=1e-5, rtol=0)
+    assert (leaky[0, 5:14] - alone[1]).abs().max() > 1e-2
+
+
+def test_packed_row_loss_is_the_token_weighted_loss_of_its_examples(small_model, packed_examples):
+    small_model.set_attn_implementation("sdpa")
+    examples, batch = packed_examples
+    with torch.no_grad():
+        loss, tokens = causal_lm_loss(small_model, batch)
+        alone = [small_model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss
+                 for e in examples]
+    targets = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples]  # shifted: labels[1:] only
+    expected = sum(n * float(x) for n, x in zip(targets, alone)) / sum(targets)
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
+    assert tokens == 20 + 9
+
+
+def test_flash_attention_gets_the_boundaries_of_every_packed_run(packed_examples):
+    _, batch = packed_examples
+    plain = model_inputs(batch, "sdpa")
+    assert plain["use_cache"] is False and "attention_mask" not in plain and "cu_seq_lens_q" not in plain
+    flash = model_inputs(batch, "flash_attention_2")
+    # row 0: examples of 5, 9, 6 tokens; row 1: 9 tokens and 11 of padding, over the flattened batch
+    assert flash["cu_seq_lens_q"].tolist() == flash["cu_seq_lens_k"].tolist() == [0, 5, 14, 20, 29, 40]
+    assert flash["max_length_q"] == flash["max_length_k"] == 11
+    # what transformers' padding-free flash path would derive from the same positions
+    (cu_seq_lens, _), (longest, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert cu_seq_lens.tolist() == flash["cu_seq_lens_q"].tolist() and int(longest) == flash["max_length_q"]
 
 
 def test_encoder_names_an_item_without_sid(encoder):
