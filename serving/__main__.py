@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import threading
 
@@ -21,6 +22,7 @@ from rec.config import ConfigError
 from serving.config import ServeConfig, load_serve_config, read_serve_file
 
 log = logging.getLogger("gr2.serving")
+APP_NAME = "gr2"
 
 
 def local_cpus(cfg: ServeConfig) -> int:
@@ -45,8 +47,24 @@ def start(config_file: str | None, overrides: list[str], host: str | None = None
     cfg.resolved_run_dir()  # fail here, not in a replica
     init_ray(local_cpus(cfg))
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg.model_dump(mode="json")), name="gr2", route_prefix="/")
+    serve.run(build_app(cfg.model_dump(mode="json")), name=APP_NAME, route_prefix="/")
     return cfg, f"http://{host}:{port}"
+
+
+def stop(private_ray: bool) -> None:
+    """Stop serving. On the private local Ray this process started: delete the app (its replicas drain and stop),
+    then stop Ray, which takes Serve's controller and proxy with it. `serve.shutdown()` instead asks the controller
+    with a call that ends only when the controller kills itself, and as the controller is created with
+    `max_task_retries=-1`, Ray logs "Task ServeController.graceful_shutdown failed ... will be retried" on every
+    clean exit. Attached to a cluster (RAY_ADDRESS), Serve is shut down there as before."""
+    import ray
+    from ray import serve
+
+    if not private_ray:
+        serve.shutdown()
+        return
+    serve.delete(APP_NAME)
+    ray.shutdown()
 
 
 def smoke(cfg: ServeConfig, url: str) -> None:
@@ -77,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_env()
     setup_logging()
+    private_ray = not os.environ.get("RAY_ADDRESS")  # init_ray starts a local Ray of this process's own
     try:
         cfg, url = start(args.config, args.overrides, args.host, args.port)
     except (ConfigError, FileNotFoundError) as err:
@@ -87,19 +106,15 @@ def main(argv: list[str] | None = None) -> None:
         try:
             smoke(cfg, url)
         finally:
-            from ray import serve
-
-            serve.shutdown()
+            stop(private_ray)
         return
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     try:
-        stop.wait()
+        terminated.wait()
     except KeyboardInterrupt:
         pass
-    from ray import serve
-
-    serve.shutdown()
+    stop(private_ray)
 
 
 if __name__ == "__main__":
