@@ -7,6 +7,7 @@ live engines (`pipelines.weight_sync.WeightPusher`); validation re-ranks a held-
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,11 @@ class RlJob:
     extra_files: dict[str, bytes] = field(default_factory=dict)
     stage: str = "rl"
 
+    def __post_init__(self) -> None:
+        # Built on the driver. Ray Train workers run in a working directory of their own (Ray's session folder),
+        # where a relative run_dir would put the published model.
+        self.cfg = self.cfg.model_copy(update={"run_dir": absolute_run_dir(self.cfg.run_dir)})
+
     @property
     def train(self) -> TrainSection:
         return self.cfg.train.model_copy(update={"grad_accum_steps": self.cfg.grad_accum_steps})
@@ -40,6 +46,17 @@ class RlJob:
     @property
     def total_steps(self) -> int:
         return self.cfg.rl.steps * self.cfg.rl.updates_per_step
+
+
+def absolute_run_dir(run_dir: str) -> str:
+    """A relative local run_dir made absolute from this process's working directory; URIs and absolute paths kept.
+
+    >>> absolute_run_dir("s3://bucket/run"), absolute_run_dir("/data/run")
+    ('s3://bucket/run', '/data/run')
+    >>> absolute_run_dir("runs/tiny") == os.path.join(os.getcwd(), "runs", "tiny")
+    True
+    """
+    return run_dir if "://" in run_dir else os.path.abspath(run_dir)
 
 
 def next_rows(job: RlJob, cursor: int, count: int) -> list[dict]:
