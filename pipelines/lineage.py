@@ -2,7 +2,7 @@
 
 Every stage stores, inside the fingerprint of its finished outputs, `inputs`: a digest of each file it reads from
 the run directory (and, for `prepare`, from the dataset folder). A rerun compares that map as part of the
-fingerprint; when only the inputs differ, `changed_inputs_error` names the files that changed, the stage that wrote
+fingerprint; when only the inputs differ, `changed_inputs_message` names the files that changed, the stage that wrote
 each one, and every stage that must rerun — and `overwrite=true` on that stage (or `make demo FROM=<stage>`, which
 passes it to that stage and every later one) redoes exactly those.
 

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from pipelines.common import exit_on_user_error, init_ray, local_cpus, parse_cli
+from pipelines.lineage import stage_inputs
 from pipelines.train_utils import (
     TrainJob,
     TrainSection,
@@ -36,7 +37,7 @@ from pipelines.train_utils import (
     tokenizer_files,
 )
 from rec.config import Section, StageConfig, config_fingerprint
-from rec.io import RunDir
+from rec.io import DataError, RunDir
 from rec.midtrain_data import (
     PACKING_FORMAT,
     TASKS,
@@ -168,6 +169,16 @@ def causal_lm_loss(model, batch) -> tuple[Any, int]:
     return out.loss, int(batch["attention_mask"].sum())
 
 
+def check_every_item_has_a_sid(run_dir: RunDir, item_ids, sid_item_ids) -> None:
+    """sid/sid_map.parquet must cover data/items.parquet: SIDs of another catalogue are an error naming items."""
+    missing = sorted(set(item_ids) - set(sid_item_ids))
+    if missing:
+        raise DataError(
+            f"{run_dir.path('sid', 'sid_map.parquet')} has no SID for {len(missing)} of the {len(item_ids)} items of "
+            f"{run_dir.path('data', 'items.parquet')} (e.g. item {', '.join(map(str, missing[:5]))}): it was written "
+            "for another catalogue; rerun sid with overwrite=true and the stages after it (`make demo FROM=sid`)")
+
+
 def run(cfg: MidtrainConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir = RunDir.open(cfg.run_dir)
@@ -180,13 +191,12 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
     levels = len(sid_map["codes"][0])
     # the inputs are part of what is trained: new SIDs or data must not resume an old run's checkpoints
     fingerprint = config_fingerprint(cfg, exclude=RESUMABLE_FIELDS) | {
-        "inputs": {"items": len(items["item_id"]), "train_users": train_table.num_rows, "sid_levels": levels,
-                   "codebook_size": codebook_size},
-    }
+        "inputs": stage_inputs(run_dir, "midtrain"), "codebook_size": codebook_size}
     if cfg.data.packing:
         # checkpoints trained on rows of another packing format (format 1 attended across examples) are not resumed
         fingerprint["packing_format"] = PACKING_FORMAT
     check_previous("midtrain", run_dir, CKPT_NAME, OUTPUT, fingerprint, cfg.overwrite)
+    check_every_item_has_a_sid(run_dir, items["item_id"], sid_map["item_id"])
 
     tokenizer = prepare_tokenizer(cfg, run_dir, items["text"], levels, codebook_size)
     tasks = build_task_examples(

@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 from pydantic import Field, model_validator
 
 from pipelines.common import exit_on_user_error, init_ray, local_cpus, model_digest, parse_cli
+from pipelines.lineage import stage_inputs
 from pipelines.train_utils import (
     TrainJob,
     TrainSection,
@@ -97,7 +98,7 @@ class SftConfig(StageConfig):
 
 def build_examples(cfg: SftConfig, run_dir: RunDir, tokenizer) -> tuple[list[dict], dict[str, int]]:
     """Accepted traces -> tokenised examples (dicts of input_ids, labels, weights), in row order, and counts."""
-    from rec.rerank import PromptBuilder, catalogue
+    from rec.rerank import PromptBuilder
     from rec.sft_data import build_example
 
     path = ("traces", f"{cfg.source}.parquet")
@@ -105,7 +106,7 @@ def build_examples(cfg: SftConfig, run_dir: RunDir, tokenizer) -> tuple[list[dic
         raise FileNotFoundError(f"{run_dir.path(*path)} missing; run the traces stage with mode={cfg.source}")
     traces = run_dir.read_parquet(*path)
     accepted = traces.filter(pc.equal(traces.column("accepted"), True))
-    builder = PromptBuilder(tokenizer, *catalogue(run_dir), cfg.prompt)
+    builder = PromptBuilder.for_run(tokenizer, run_dir, cfg.prompt)
     eos_id = tokenizer.convert_tokens_to_ids(cfg.eos_token)
     examples, too_long, longest_prompt, longest_answer = [], 0, 0, 0
     columns = [accepted.column(c).to_pylist() for c in ("history", "candidates", "completion")]
@@ -182,6 +183,7 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     train_rows, eval_rows = split_eval(examples, cfg)
     fingerprint = config_fingerprint(cfg, exclude=RESUMABLE_FIELDS) | {
         "init_digest": model_digest(init), "examples": len(examples),
+        "inputs": stage_inputs(run_dir, "sft", [f"traces/{cfg.source}.parquet"]),
     }
     check_previous("sft", run_dir, ckpt_name, output, fingerprint, cfg.overwrite)
     steps_per_epoch, total_steps = cfg.train.steps_for(len(train_rows))

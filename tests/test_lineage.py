@@ -54,3 +54,18 @@ def test_outputs_of_an_older_version_are_named_as_such():
     message = changed_inputs_message("rl", "/r/models/rl_ckpt/fingerprint.json", {"seed": 0},
                                      {"seed": 0, "inputs": {"data/items.parquet": "x"}})
     assert "written before this version recorded its inputs" in message and "after it evaluate" in message
+
+
+def test_midtrain_refuses_sids_of_another_catalogue(tmp_path):
+    from midtrain_fixtures import make_run_dir
+
+    from pipelines.midtrain import check_every_item_has_a_sid
+    from rec.data import DataError
+
+    run_dir = make_run_dir(tmp_path / "run", max_users=5)
+    items = run_dir.read_parquet("data", "items.parquet").column("item_id").to_pylist()
+    check_every_item_has_a_sid(run_dir, items, items)
+    first, second = sorted(items)[:2]
+    with pytest.raises(DataError, match=rf"no SID for 2 of the {len(items)} items .* \(e.g. item {first}, {second}\): "
+                                        r"it was written for another catalogue; rerun sid with overwrite=true"):
+        check_every_item_has_a_sid(run_dir, items, sorted(items)[2:])

@@ -188,6 +188,6 @@ def test_a_different_config_refuses_to_resume(tmp_path):
     run_dir = RunDir.open(str(tmp_path / "run"))
     first = _config(tmp_path / "run")
     check_previous("midtrain", run_dir, CKPT_NAME, OUTPUT, config_fingerprint(first, exclude=RESUMABLE_FIELDS), False)
-    with pytest.raises(StageOutputsMismatch, match="fields differ: inputs, model"):
+    with pytest.raises(StageOutputsMismatch, match=r"fields differ: codebook_size, inputs, model, packing_format\)"):
         run(_config(tmp_path / "run", "model.hidden_size=64"))
     assert run_dir.exists("models", "midtrain_ckpt", "fingerprint.json")
