@@ -221,22 +221,31 @@ class EngineActorsConfig(StageConfig):
     """Fields that decide how fast, not what: they may change between a run and its resumption."""
 
 
-def start_engine(engine: EngineSection, model: str, cpus: float, gpus: float, bind_cores: bool = True,
-                 **engine_args: Any):
-    """A vLLM engine for one Ray actor (a pool actor or a Serve replica), returned as (llm, cores or None, lock).
-    CPU actors bind the engine to cores of their own (the lock is held for the actor's life) and run it in-process
+def engine_start_args(engine: EngineSection, cpus: float, gpus: float, bind_cores: bool = True,
+                      **engine_args: Any) -> tuple[dict[str, Any], str | None, Any]:
+    """The engine arguments of one Ray actor (a pool actor or a Serve replica), as `start_llm` and `start_async_llm`
+    take them, with the cores they bind the engine to and the lock on those cores (None, None: no binding). CPU
+    actors bind the engine to cores of their own (the lock is held for the actor's life) and run it in-process
     (starts in ~2 s) unless `engine.in_process` says otherwise; GPU actors use vLLM's default engine process and
     executor, which spreads `tensor_parallel_size` over the actor's GPUs."""
-    from rec.engines.vllm_runtime import claim_cpu_cores, start_llm
+    from rec.engines.vllm_runtime import claim_cpu_cores
 
     claim = claim_cpu_cores(max(1, round(cpus))) if bind_cores and gpus == 0 else None
-    llm = start_llm(
-        model, max_model_len=engine.max_model_len, kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
-        dtype=engine.dtype, cpu_cores=claim[0] if claim else None, block_size=engine.block_size,
-        enforce_eager=engine.enforce_eager,
-        in_process=engine.in_process if engine.in_process is not None else gpus == 0, **{**engine.extra, **engine_args},
-    )
-    return llm, claim[0] if claim else None, claim[1] if claim else None
+    cores, lock = claim if claim else (None, None)
+    in_process = engine.in_process if engine.in_process is not None else gpus == 0
+    args = dict(max_model_len=engine.max_model_len, kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
+                dtype=engine.dtype, cpu_cores=cores, block_size=engine.block_size, enforce_eager=engine.enforce_eager,
+                in_process=in_process, **{**engine.extra, **engine_args})
+    return args, cores, lock
+
+
+def start_engine(engine: EngineSection, model: str, cpus: float, gpus: float, bind_cores: bool = True,
+                 **engine_args: Any):
+    """A vLLM engine (`vllm.LLM`) for one Ray actor, started with `engine_start_args`: (llm, cores or None, lock)."""
+    from rec.engines.vllm_runtime import start_llm
+
+    args, cores, lock = engine_start_args(engine, cpus, gpus, bind_cores, **engine_args)
+    return start_llm(model, **args), cores, lock
 
 
 def start_actor_engine(cfg: EngineActorsConfig, model: str, **engine_args: Any):
@@ -273,23 +282,53 @@ def start_sid_ranker(run_dir: RunDir, model: str, codebook_size: int, engine: En
     return SidRanker(llm=llm, **args), lock
 
 
-def start_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sampling, engine: EngineSection, cpus: float,
-                   gpus: float, bind_cores: bool = True, seed: int = 0, **engine_args: Any):
-    """The re-ranker over a vLLM engine for `model` (evaluation actors, the serving ReRanker, RL rollouts):
-    (rec.engines.reranker.Reranker, cores or None, core lock or None). `prompt` is a RerankPromptSection, `sampling` a
-    RerankSamplingSection; `engine_args` go to vllm.LLM."""
+def _reranker_inputs(run_dir: RunDir, model: str, prompt, eos_token: str, sampling):
+    """(tokenizer, PromptBuilder, logits processors, eos id) of a re-ranker over `model`."""
     from transformers import AutoTokenizer
 
-    from rec.engines.reranker import RANKING_PROCESSOR, Reranker, RerankGenerator
+    from rec.engines.reranker import RANKING_PROCESSOR
     from rec.rerank import PromptBuilder, eos_token_id
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = PromptBuilder.for_run(tokenizer, run_dir, prompt)
     processors = [RANKING_PROCESSOR] if sampling.constrained else []
+    return (tokenizer, PromptBuilder.for_run(tokenizer, run_dir, prompt), processors,
+            eos_token_id(tokenizer, eos_token, model))
+
+
+def start_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sampling, engine: EngineSection, cpus: float,
+                   gpus: float, bind_cores: bool = True, seed: int = 0, **engine_args: Any):
+    """The re-ranker over a vLLM engine for `model` (evaluation actors, RL rollouts): (rec.engines.reranker.Reranker,
+    cores or None, core lock or None). `prompt` is a RerankPromptSection, `sampling` a RerankSamplingSection;
+    `engine_args` go to vllm.LLM."""
+    from rec.engines.reranker import Reranker, RerankGenerator
+
+    tokenizer, prompts, processors, eos_id = _reranker_inputs(run_dir, model, prompt, eos_token, sampling)
     llm, bound, lock = start_engine(engine, model, cpus, gpus, bind_cores, logits_processors=processors, seed=seed,
                                     **engine_args)
-    generator = RerankGenerator(tokenizer, eos_token_id(tokenizer, eos_token, model), sampling, llm=llm)
+    generator = RerankGenerator(tokenizer, eos_id, sampling, llm=llm)
     return Reranker(prompts, generator, engine.max_model_len), bound, lock
+
+
+def start_async_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sampling, engine: EngineSection,
+                         cpus: float, gpus: float, bind_cores: bool = True, seed: int = 0, **engine_args: Any):
+    """`start_reranker` on vLLM's async engine (the serving ReRanker: requests join the running batch as they come
+    and are aborted at their deadline): (rec.engines.async_reranker.AsyncReranker, cores or None, core lock or
+    None). Same arguments and environment as `start_reranker`'s engine, except that the engine core always runs in
+    a child process (`engine.in_process: true` is refused); its load (`AsyncReranker.load`) follows every step."""
+    from rec.engines.async_reranker import AsyncReranker, EngineLoad, start_async_llm
+    from rec.engines.reranker import RerankDecoding
+
+    if engine.in_process:
+        raise ConfigError("engine.in_process is true, but vLLM's async engine always runs its engine core in a "
+                          "child process: set it to null (or false)")
+    tokenizer, prompts, processors, eos_id = _reranker_inputs(run_dir, model, prompt, eos_token, sampling)
+    load = EngineLoad()
+    args, cores, lock = engine_start_args(engine, cpus, gpus, bind_cores, logits_processors=processors, seed=seed,
+                                          **engine_args)
+    del args["in_process"]  # always a child process
+    llm = start_async_llm(model, stat_loggers=[load.stat_logger()], **args)
+    decoding = RerankDecoding(tokenizer, eos_id, sampling)
+    return AsyncReranker(prompts, decoding, engine.max_model_len, llm, load), cores, lock
 
 
 def stream_actor_pool(cfg: EngineActorsConfig, rows: pa.Table, actor_cls: type, ctor_kwargs: dict[str, Any]):

@@ -73,20 +73,14 @@ def __getattr__(name: str):
 
 
 
-class RerankGenerator:
-    """Re-rank answers for prompts: one implementation for teacher traces, evaluation, RL rollouts and serving.
+class RerankDecoding:
+    """How a re-rank answer is decoded, whichever engine writes it: its token budget, the ranking constraint's answer
+    format, and the vLLM `SamplingParams` of one request (the sync and the async engine send the same)."""
 
-    Back-ends: a `vllm.LLM` (one request per prompt, its `n` samples share the prompt; the ranking constraint runs
-    as the engine's logits processor, so start it with `logits_processors=[RANKING_PROCESSOR]`), or an HF causal LM
-    (`generate` one prompt at a time, the same constraint as an HF logits processor: the reference).
-    """
-
-    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None):
+    def __init__(self, tokenizer, eos_id: int, sampling):
         from rec.answer_constraint import RankingAnswerFormat
 
-        if (llm is None) == (model is None):
-            raise ValueError("give exactly one of llm (vLLM) or model (HF)")
-        self.tokenizer, self.eos_id, self.sampling, self.llm, self.model = tokenizer, eos_id, sampling, llm, model
+        self.tokenizer, self.eos_id, self.sampling = tokenizer, eos_id, sampling
         self.format = (RankingAnswerFormat.from_tokenizer(tokenizer, eos_token=tokenizer.convert_ids_to_tokens(eos_id))
                        if sampling.constrained else None)
 
@@ -95,6 +89,42 @@ class RerankGenerator:
         if self.format is not None:
             return self.format.max_tokens(candidate_token_ids, s.max_explanation_tokens)
         return s.max_tokens
+
+    def sampling_params(self, candidate_token_ids: Sequence[Sequence[int]], n: int = 1, first: int | None = None,
+                        **options: Any):
+        """`n` answers to a prompt with these candidates (under the ranking constraint, starting with candidate
+        `first` when given); `options` are further SamplingParams fields."""
+        from vllm import SamplingParams
+
+        s = self.sampling
+        args: dict[str, Any] = {"n": n, "temperature": s.temperature, "top_p": s.top_p,
+                                "max_tokens": self.max_tokens(candidate_token_ids), "stop_token_ids": [self.eos_id],
+                                "skip_special_tokens": False, **options}
+        if self.format is not None:
+            args["extra_args"] = ranking_extra_args(candidate_token_ids, s.max_explanation_tokens, self.eos_id, first)
+        return SamplingParams(**args)
+
+
+def answers_of(output, with_ids: bool = False) -> list[tuple]:
+    """A vLLM `RequestOutput`'s answers: (text, generated tokens including the eos[, token ids])."""
+    return [(o.text, len(o.token_ids), list(o.token_ids)) if with_ids else (o.text, len(o.token_ids))
+            for o in output.outputs]
+
+
+class RerankGenerator(RerankDecoding):
+    """Re-rank answers for prompts: one implementation for teacher traces, evaluation, RL rollouts and serving.
+
+    Back-ends: a `vllm.LLM` (one request per prompt, its `n` samples share the prompt; the ranking constraint runs
+    as the engine's logits processor, so start it with `logits_processors=[RANKING_PROCESSOR]`), or an HF causal LM
+    (`generate` one prompt at a time, the same constraint as an HF logits processor: the reference). The async
+    engine's counterpart is `rec.engines.async_reranker.AsyncReranker`.
+    """
+
+    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None):
+        if (llm is None) == (model is None):
+            raise ValueError("give exactly one of llm (vLLM) or model (HF)")
+        super().__init__(tokenizer, eos_id, sampling)
+        self.llm, self.model = llm, model
 
     def generate(
         self, prompts: Sequence[Sequence[int]], candidate_token_ids: Sequence[Sequence[Sequence[int]]],
@@ -107,21 +137,11 @@ class RerankGenerator:
         if self.model is not None:
             answers = [self._hf(p, c, n, f) for p, c, n, f in zip(prompts, candidate_token_ids, samples, first)]
             return answers if with_ids else [[a[:2] for a in row] for row in answers]
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        s = self.sampling
-        params = []
-        for candidates, n, pinned in zip(candidate_token_ids, samples, first):
-            args: dict[str, Any] = {"n": n, "temperature": s.temperature, "top_p": s.top_p,
-                                    "max_tokens": self.max_tokens(candidates), "stop_token_ids": [self.eos_id],
-                                    "skip_special_tokens": False}
-            if self.format is not None:
-                args["extra_args"] = ranking_extra_args(candidates, s.max_explanation_tokens, self.eos_id, pinned)
-            params.append(SamplingParams(**args))
+        params = [self.sampling_params(c, n, f) for c, n, f in zip(candidate_token_ids, samples, first)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        return [[(o.text, len(o.token_ids), list(o.token_ids)) if with_ids else (o.text, len(o.token_ids))
-                 for o in output.outputs] for output in outputs]
+        return [answers_of(output, with_ids) for output in outputs]
 
     def _hf(self, prompt_ids: Sequence[int], candidates: Sequence[Sequence[int]], n: int,
             first: int | None = None) -> list[tuple[str, int, list[int]]]:
@@ -168,33 +188,54 @@ class Reranked:
     explanation: str
 
 
-class Reranker:
-    """History + candidates -> final ranking: `PromptBuilder` -> `RerankGenerator` -> `parse_answer` ->
-    `final_ranking`, one answer per list (evaluation and the serving ReRanker). A prompt too long for the engine is
-    not sent; it keeps the incoming order with the reason `prompt_too_long`."""
+class RerankLists:
+    """What every re-ranker does around its engine: a list -> its prompt and candidate tokens (`PromptBuilder`), an
+    answer -> the final ranking (`parse_answer` -> `final_ranking`). A prompt too long for the engine (prompt +
+    answer budget over `max_model_len`) is not sent; it keeps the incoming order with the reason `prompt_too_long`.
+    `decoding` is a `RerankDecoding` (or anything with its `max_tokens`)."""
 
-    def __init__(self, prompts, generator: RerankGenerator, max_model_len: int):
-        self.prompts, self.generator, self.max_model_len = prompts, generator, max_model_len
+    def __init__(self, prompts, decoding, max_model_len: int):
+        self.prompts, self.decoding, self.max_model_len = prompts, decoding, max_model_len
 
-    def rerank(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> list[Reranked]:
+    def request(self, history: Sequence[int], items: Sequence[int]) -> tuple[list[int], list[list[int]]] | None:
+        """(prompt token ids, candidate token ids) of one list, or None when it does not fit the engine."""
+        _, prompt_ids = self.prompts.prompt(history, items)
+        token_ids = self.prompts.candidate_token_ids(items)
+        if len(prompt_ids) + self.decoding.max_tokens(token_ids) > self.max_model_len:
+            return None
+        return prompt_ids, token_ids
+
+    def result(self, items: Sequence[int], text: str, generated: int) -> Reranked:
+        """The final ranking of `items` from an answer (the incoming order with the reason when it is unusable)."""
         from rec.rerank import final_ranking, parse_answer
 
-        rows = []
-        for history, items in zip(histories, candidates):
-            _, prompt_ids = self.prompts.prompt(history, items)
-            token_ids = self.prompts.candidate_token_ids(items)
-            rows.append((prompt_ids, token_ids,
-                         len(prompt_ids) + self.generator.max_tokens(token_ids) <= self.max_model_len))
-        sent = [r for r in rows if r[2]]
+        parsed = parse_answer(text, self.prompts.candidate_sids(items))
+        ranking, reason = final_ranking(parsed, items)
+        return Reranked(ranking, reason, generated, text, parsed.explanation)
+
+    @staticmethod
+    def too_long(items: Sequence[int]) -> Reranked:
+        return Reranked(list(items), PROMPT_TOO_LONG, 0, None, "")
+
+
+class Reranker(RerankLists):
+    """History + candidates -> final ranking: `RerankLists` around a `RerankGenerator`, one answer per list, lists
+    sent in batches (evaluation, RL validation)."""
+
+    def __init__(self, prompts, generator: RerankGenerator, max_model_len: int):
+        super().__init__(prompts, generator, max_model_len)
+        self.generator = generator
+
+    def rerank(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> list[Reranked]:
+        requests = [self.request(history, items) for history, items in zip(histories, candidates)]
+        sent = [r for r in requests if r is not None]
         answers = iter(self.generator.generate([r[0] for r in sent], [r[1] for r in sent], [1] * len(sent))
                        if sent else [])
         out = []
-        for (_, _, fits), items in zip(rows, candidates):
-            if not fits:
-                out.append(Reranked(list(items), PROMPT_TOO_LONG, 0, None, ""))
+        for request, items in zip(requests, candidates):
+            if request is None:
+                out.append(self.too_long(items))
                 continue
             (text, generated), = next(answers)
-            parsed = parse_answer(text, self.prompts.candidate_sids(items))
-            ranking, reason = final_ranking(parsed, items)
-            out.append(Reranked(ranking, reason, generated, text, parsed.explanation))
+            out.append(self.result(items, text, generated))
         return out
