@@ -2,8 +2,9 @@
 
 - `Ranker`: the mid-trained model decoding under the SID trie (`rec.engines.sid_ranker.SidRanker`, the prerank stage's code)
   returns the top-N catalogue items with their beam scores; concurrent requests are batched (`@serve.batch`).
-- `ReRanker`: a re-ranker checkpoint (SFT or RL) on a vLLM engine (`rec.engines.reranker.Reranker`, the evaluate stage's
-  code: prompt, generate, parse); batched. A request whose deadline passed while it queued is not generated.
+- `ReRanker`: a re-ranker checkpoint (SFT or RL) on vLLM's async engine (`rec.engines.async_reranker.AsyncReranker`:
+  the evaluate stage's prompt, constraint and parse): each request joins the engine's running batch as it arrives
+  (continuous batching) and is aborted at its deadline. A request whose deadline passed while it queued is not sent.
 - `Ingress` (FastAPI): `POST /v1/recommend`, `GET /v1/items/{item_id}`, `GET /healthz`, OpenAPI docs at `/docs`.
   Each request has a latency budget: when the re-ranker does not answer within what the ranker left of it, fails,
   is down, or answers with something that is not a ranking of the candidates, the pre-rank order is returned and
@@ -17,6 +18,7 @@ Cluster:      serve deploy serving/configs/qwen3_8b.yaml, or cluster/rayservice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -38,7 +40,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from pipelines.common import REPO_ROOT, setup_env, setup_logging, start_reranker, start_sid_ranker
+from pipelines.common import REPO_ROOT, setup_env, setup_logging, start_async_reranker, start_sid_ranker
 from rec.config import ConfigError
 from rec.io import RunDir
 from rec.rerank import catalogue
@@ -114,46 +116,52 @@ class Ranker(_EngineReplica):
 
 
 @serve.deployment(name="ReRanker")
-class ReRanker(_EngineReplica):
-    def __init__(self, config: dict[str, Any]):
-        self.cfg = cfg = ServeConfig.model_validate(config)
+class ReRanker:
+    """A re-ranker checkpoint on vLLM's async engine (`rec.engines.async_reranker.AsyncReranker`): every request goes
+    to the engine as it arrives and joins its running batch at the next step (continuous batching, up to
+    `max_batch_size` requests decoded together); at its deadline it is aborted, so the engine stops generating for
+    it and the answer says `timeout`. The engine core runs in a child process bound to the replica's cores."""
+
+    async def __init__(self, config: dict[str, Any]):
+        setup_env()
+        setup_logging()
+        cfg = ServeConfig.model_validate(config)
         r = cfg.reranker
         model = _checkpoint(cfg, r.model, "sft (or rl)")
         settings = cfg.reranker_settings(model)  # prompted exactly as it was trained; lengths checked
-        prompt, eos = settings.prompt, settings.eos_token
         run_dir = RunDir.open(cfg.resolved_run_dir())
+        self.reranker, bound, self._core_lock = start_async_reranker(
+            run_dir, model, settings.prompt, settings.eos_token, r.sampling, r.engine, r.num_cpus, r.num_gpus,
+            r.bind_cores, seed=cfg.seed, max_num_seqs=r.max_batch_size)
+        items = sample_items(run_dir, cfg.ranker.top_n + 1)
+        await self.reranker.rerank(items[:1], items[1:])  # the first request is slow: keep it out of the first user's
+        log.info("ReRanker: %s on cores %s, up to %d requests decoded together", model, bound or "-", r.max_batch_size)
 
-        def build():
-            built = start_reranker(run_dir, model, prompt, eos, r.sampling, r.engine, r.num_cpus, r.num_gpus,
-                                   r.bind_cores, seed=cfg.seed)
-            items = sample_items(run_dir, cfg.ranker.top_n + 1)
-            built[0].rerank([items[:1]], [items[1:]])  # warm-up, as in the Ranker
-            return built
+    async def rerank(self, request: dict[str, Any]) -> dict[str, Any]:
+        """{history, candidates, deadline (time.time() seconds)} -> {ranking, reason, explanation, generated_tokens}.
+        A request already past its deadline is answered `expired` without generating; one still generating at its
+        deadline is aborted and answered `timeout`."""
+        left = request["deadline"] - time.time()
+        if left <= 0:
+            return {"ranking": list(request["candidates"]), "reason": "expired", "explanation": "",
+                    "generated_tokens": 0}
+        result = await self.reranker.rerank(request["history"], request["candidates"], timeout_s=left)
+        return {"ranking": result.ranking, "reason": result.reason, "explanation": result.explanation,
+                "generated_tokens": result.generated_tokens}
 
-        self.reranker, bound, self._core_lock = self._start(build)
-        self.rerank.set_max_batch_size(r.max_batch_size)
-        self.rerank.set_batch_wait_timeout_s(r.batch_wait_timeout_s)
-        log.info("ReRanker: %s on cores %s, batches of up to %d", model, bound or "-", r.max_batch_size)
-
-    @serve.batch
-    async def rerank(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each request: {history, candidates, deadline (time.time() seconds)} -> {ranking, reason, explanation,
-        generated_tokens}. Requests already past their deadline are answered `expired` without generating."""
-        now = time.time()
-        live = [n for n, request in enumerate(requests) if request["deadline"] > now]
-        out = [{"ranking": list(r["candidates"]), "reason": "expired", "explanation": "", "generated_tokens": 0}
-               for r in requests]
-        if live:
-            results = await self._run(self.reranker.rerank, [requests[n]["history"] for n in live],
-                                      [requests[n]["candidates"] for n in live])
-            for n, result in zip(live, results):
-                out[n] = {"ranking": result.ranking, "reason": result.reason, "explanation": result.explanation,
-                          "generated_tokens": result.generated_tokens}
-        return out
+    async def load(self) -> dict[str, int]:
+        """The engine's load: requests `running` and `waiting` at its latest step, `steps` and `generated_tokens`
+        over its life (`rec.engines.async_reranker.EngineLoad`), and `unfinished` requests in the engine now."""
+        return {**dataclasses.asdict(self.reranker.load),
+                "unfinished": self.reranker.engine.get_num_unfinished_requests()}
 
     async def ping(self) -> bool:
         """The ingress's probe: answered by the replica's event loop, whatever the engine is doing."""
         return True
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails once the engine process died, and Serve replaces the replica."""
+        await self.reranker.check_health()
 
 
 # ------------------------------------------------------------------------------------------------- HTTP ingress

@@ -96,6 +96,13 @@ class RankerSection(BatchedSection):
 
 
 class ReRankerSection(BatchedSection):
+    max_batch_size: int = Field(default=16, ge=1)
+    """Requests the replica's engine decodes together (vLLM's max_num_seqs). The engine batches continuously: a
+    request joins the running batch at the next step and leaves it when its answer ends; more wait in the engine's
+    queue (and are aborted at their deadline too). 1 turns batching off."""
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    """Not used by the ReRanker: no request waits for a batch to fill (continuous batching). Accepted so that
+    Serve config files written for the batched ReRanker still load."""
     enabled: bool = True
     """False serves the pre-rank order only (no re-ranker replica is started)."""
     model: str = "models/sft_reject"
@@ -106,6 +113,15 @@ class ReRankerSection(BatchedSection):
     """Greedy by default."""
     eos_token: str = "<|im_end|>"
     """Token that ends an answer, unless the model's gr2_rerank.json names another."""
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> ReRankerSection:
+        if self.engine.in_process:
+            raise ValueError("engine.in_process is true, but the ReRanker runs vLLM's async engine, whose engine core "
+                             "always runs in a child process: set it to null")
+        if "max_num_seqs" in self.engine.extra:
+            raise ValueError("engine.extra.max_num_seqs: the ReRanker sets it from max_batch_size; set that instead")
+        return self
 
 
 class IngressSection(ReplicaSection):

@@ -47,6 +47,11 @@ def test_bad_serve_configs_name_the_field():
         load_serve_config(TINY, ["reranker.max_batch_size=64", "reranker.max_ongoing_requests=8"])
     with pytest.raises(ConfigError, match="GR2_RUN_DIR"):
         load_serve_config(TINY, ["run_dir=null"]).model_path("models/midtrain")
+    # the ReRanker's engine is vLLM's async one: its core is a child process, its batch size is max_batch_size
+    with pytest.raises(ConfigError, match="child process"):
+        load_serve_config(TINY, ["reranker.engine.in_process=true"])
+    with pytest.raises(ConfigError, match="set that instead"):
+        load_serve_config(TINY, ["reranker.engine.extra={max_num_seqs: 4}"])
 
 
 def _free_port() -> int:
@@ -313,4 +318,23 @@ def test_a_reranker_slower_than_the_budget_times_out_with_the_prerank_order(free
     assert [i["item_id"] for i in body["items"]] == prerank
     # answered at the budget, not when the 3000-token answer would have finished
     assert body["timings_ms"]["total"] < 1500 * 1.5 and elapsed < 10, (body["timings_ms"], elapsed)
+    # and the ReRanker's engine dropped the request at the deadline rather than writing the rest of it (seconds)
+    aborted = _reranker_load_once(lambda load: load["unfinished"] == 0, timeout_s=3)
+    assert aborted["unfinished"] == 0, aborted
+    assert app.recommend(history=history, rerank=False).status_code == 200  # time passes, the ReRanker idles
+    idle = _reranker_load_once(lambda load: True, timeout_s=0)
+    assert idle["steps"] - aborted["steps"] <= 1, (aborted, idle)  # at most the step in flight at the abort
     assert Path(app.run_dir.root).is_dir()
+
+
+def _reranker_load_once(condition, timeout_s: float) -> dict:
+    """The ReRanker replica's engine load (ReRanker.load) once `condition` holds, or the last one after `timeout_s`."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ReRanker", app_name="gr2")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load = handle.load.remote().result()
+        if condition(load) or time.monotonic() > deadline:
+            return load
+        time.sleep(0.05)
