@@ -61,6 +61,8 @@ class RolloutWorker(FileWeightUpdateActor):
         cfg, prompts, generator = self.cfg, self.reranker.prompts, self.reranker.generator
         built = []
         for row in rows:
+            # the prompt may list the candidates shuffled (prompt.shuffle_candidates); the answer names SIDs, so it is
+            # constrained, parsed and scored against the pre-rank list row["candidates"] all the same
             _, prompt_ids = prompts.prompt(row["history"], row["candidates"])
             token_ids = prompts.candidate_token_ids(row["candidates"])
             if len(prompt_ids) + generator.max_tokens(token_ids) <= cfg.rollout.engine.max_model_len:

@@ -1,8 +1,10 @@
 """Re-ranking prompts and answers: what the teacher and the student read, and how a ranking is read back.
 
 The prompt shows the user's history (SID + title, oldest first, cut to a token budget keeping the most recent
-items), the candidate list (SID + title, in pre-rank order), optional domain-knowledge priming, and asks for step
-by step reasoning and a JSON answer ranking every candidate by SID, as the GR2 teacher answers:
+items; or, with `history_format: midtrain`, the bare SID sequence the mid-trained model learned from), the
+candidate list (SID + title, in pre-rank order, or a seeded shuffle of it with `shuffle_candidates`), optional
+domain-knowledge priming, and asks for step by step reasoning and a JSON answer ranking every candidate by SID, as
+the GR2 teacher answers:
 
     {"explanation": "...", "recommendations": ["<|sid_begin|>...<|sid_end|>", ...]}
 
@@ -25,8 +27,9 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from rec.config import ConfigError, Section
 
@@ -46,6 +49,10 @@ INSTRUCTION = (
 TARGET_HINT = (
     "The customer actually bought this next: {sid} {title}. Explain why it fits the history, and rank it first."
 )
+
+# History formats (RerankPromptSection.history_format).
+RERANK_HISTORY = "rerank"
+MIDTRAIN_HISTORY = "midtrain"
 
 # Invalid-answer reasons, counted by the traces stage and the evaluation.
 NO_ANSWER = "no_answer"
@@ -87,15 +94,18 @@ def _line(item: Item, max_title_chars: int | None) -> str:
 
 
 def fit_history(
-    history: Sequence[Item], count_tokens: Callable[[str], int], budget: int | None, max_title_chars: int | None
+    history: Sequence[Item], count_tokens: Callable[[str], int], budget: int | None, max_title_chars: int | None,
+    text_of: Callable[[Item], str] | None = None,
 ) -> list[Item]:
-    """The most recent items whose prompt lines fit in `budget` tokens (all of them when `budget` is None)."""
+    """The most recent items whose prompt text (`text_of`, default their history line) fits in `budget` tokens
+    (all of them when `budget` is None)."""
     if budget is None:
         return list(history)
+    text_of = text_of or (lambda item: _line(item, max_title_chars) + "\n")
     kept: list[Item] = []
     used = 0
     for item in reversed(history):
-        cost = count_tokens(_line(item, max_title_chars) + "\n")
+        cost = count_tokens(text_of(item))
         if used + cost > budget:
             break
         kept.append(item)
@@ -112,13 +122,23 @@ def build_messages(
     count_tokens: Callable[[str], int] = lambda text: len(text.split()),
     history_token_budget: int | None = None,
     max_title_chars: int | None = 120,
+    history_format: str = RERANK_HISTORY,
 ) -> list[dict[str, str]]:
-    """Chat messages (system, user) of a re-rank prompt; `target` adds the true next item (target sampling)."""
+    """Chat messages (system, user) of a re-rank prompt; `target` adds the true next item (target sampling).
+    `history_format` is a `RerankPromptSection.history_format`."""
     if not candidates:
         raise ValueError("a re-rank prompt needs at least one candidate")
-    kept = fit_history(history, count_tokens, history_token_budget, max_title_chars)
-    lines = [f"Purchase history, oldest first ({len(kept)} of {len(history)} items):"]
-    lines += [f"{n}. {_line(item, max_title_chars)}" for n, item in enumerate(kept, 1)] or ["(none)"]
+    if history_format == MIDTRAIN_HISTORY:
+        from rec.midtrain_data import NEXT_ITEM_PREFIX
+
+        kept = fit_history(history, count_tokens, history_token_budget, None, text_of=lambda item: item.sid)
+        lines = [NEXT_ITEM_PREFIX + "".join(item.sid for item in kept)]
+    elif history_format == RERANK_HISTORY:
+        kept = fit_history(history, count_tokens, history_token_budget, max_title_chars)
+        lines = [f"Purchase history, oldest first ({len(kept)} of {len(history)} items):"]
+        lines += [f"{n}. {_line(item, max_title_chars)}" for n, item in enumerate(kept, 1)] or ["(none)"]
+    else:
+        raise ValueError(f"unknown history_format {history_format!r}; known: {RERANK_HISTORY}, {MIDTRAIN_HISTORY}")
     lines += ["", f"Candidates, in the order a first-stage ranker proposed them ({len(candidates)}):"]
     lines += [f"{n}. {_line(item, max_title_chars)}" for n, item in enumerate(candidates, 1)]
     if priming:
@@ -249,6 +269,27 @@ class RerankPromptSection(Section):
     the `priming` of the dataset's metadata (data/dataset.json, from the dataset folder's dataset.json), or null."""
     chat_template_kwargs: dict = Field(default_factory=dict)
     """Extra arguments for the tokenizer's chat template, e.g. {enable_thinking: true} for Qwen3."""
+    shuffle_candidates: bool = False
+    """List the candidates in a seeded random order (rec.consistency.shuffled, keyed by the list's history and
+    candidates: the same order in every rerun) instead of the pre-rank order, so that a model trained on such prompts
+    cannot lean on position. Only the prompt text changes: answers name candidates by SID and are read against the
+    pre-rank list, so teacher traces stay valid SFT answers and RL rewards and metrics still measure against the
+    pre-rank order. Saved with the model (gr2_rerank.json), so evaluation and serving show it shuffled lists too."""
+    history_format: Literal["rerank", "midtrain"] = RERANK_HISTORY
+    """How the history is written: `rerank`, a numbered line per item (SID + title, oldest first); `midtrain`, the
+    mid-training next-item sequence (`Purchase history:` and the SIDs back to back, no titles, as
+    rec.midtrain_data.next_item_prompt_ids writes it), so that what the mid-trained model learned about the next
+    item carries over. Candidates are written the same way in both."""
+
+    @model_serializer(mode="wrap")
+    def _leave_out_defaults_added_later(self, handler):
+        # fields added after runs were recorded are left out at their default: the fingerprints of those runs (traces,
+        # sft, rl, evaluate) and the gr2_rerank.json of their models stay what they were
+        data = handler(self)
+        for name, default in (("shuffle_candidates", False), ("history_format", RERANK_HISTORY)):
+            if getattr(self, name) == default:
+                data.pop(name, None)
+        return data
 
 
 class RerankSamplingSection(Section):
@@ -262,7 +303,8 @@ class RerankSamplingSection(Section):
     constrained: bool = False
     """Decode under rec.answer_constraint: every answer is a valid ranking; the explanation is free text."""
     max_explanation_tokens: int = Field(default=64, ge=0)
-    """Explanation budget of a constrained answer."""
+    """Explanation budget of a constrained answer; 0 forces an empty one (`{"explanation": "", ...}`: the ranking
+    alone, reasoning-free). Unconstrained answers are not bound by it."""
 
 
 def eos_token_id(tokenizer, eos_token: str, model: str) -> int:
@@ -293,11 +335,16 @@ class PromptBuilder:
 
     def messages(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> list[dict]:
         s = self.section
+        shown = list(candidates)
+        if s.shuffle_candidates:  # the prompt text only: answers are read against `candidates` by SID
+            from rec.consistency import list_key, shuffled
+
+            shown = shuffled(shown, list_key(history, candidates))
         return build_messages(
-            [self.item(i) for i in history], [self.item(i) for i in candidates],
+            [self.item(i) for i in history], [self.item(i) for i in shown],
             target=self.item(target) if target is not None else None, priming=s.priming,
             count_tokens=self.count_tokens, history_token_budget=s.history_token_budget,
-            max_title_chars=s.max_title_chars,
+            max_title_chars=s.max_title_chars, history_format=s.history_format,
         )
 
     @classmethod

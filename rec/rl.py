@@ -8,7 +8,10 @@ length,
 
 and the **conditional** reward adds `alpha * R_fmt` only when the ranking improved (R_rank > 0) or the target was
 first and stayed first; otherwise R = R_rank. The plain sum (`unconditional`) is kept for the ablation: it pays a
-model for copying the incoming order, which is the reward hacking the paper reports.
+model for copying the incoming order, which is the reward hacking the paper reports. A prompt that lists the
+candidates shuffled (the prompt section's `shuffle_candidates`) changes none of this: answers name candidates by SID
+and are read against the pre-rank list, so `pre`, `post`, the fallback and the identity flag all refer to the
+pre-rank order.
 
 >>> conditional_reward(pre=3, post=0, n=10, valid=True, alpha=0.1)   # improved: rank gain + format bonus
 0.4

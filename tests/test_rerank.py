@@ -96,9 +96,13 @@ def test_history_budget_keeps_the_most_recent_items():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    run_dir = make_prerank_run_dir(tmp_path_factory.mktemp("rerank"), max_users=20)
-    return load_student(run_dir.local_path("models", "midtrain"), dtype=torch.float32)
+def tiny_run(tmp_path_factory):
+    return make_prerank_run_dir(tmp_path_factory.mktemp("rerank"), max_users=20)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run):
+    return load_student(tiny_run.local_path("models", "midtrain"), dtype=torch.float32)
 
 
 def test_a_crafted_title_cannot_produce_special_tokens_in_the_prompt(tiny):
@@ -114,13 +118,13 @@ def test_a_crafted_title_cannot_produce_special_tokens_in_the_prompt(tiny):
     assert think_end not in ids
 
 
-def constrained_answers(tiny, samples: int, first: int | None = None, seed: int = 0) -> list:
+def constrained_answers(tiny, samples: int, first: int | None = None, seed: int = 0,
+                        max_explanation_tokens: int = 12) -> list:
     """Sampled answers from the shared HF re-rank path (rec.engines.reranker.RerankGenerator) under the ranking constraint,
     parsed."""
     tokenizer, model = tiny
-    generator = RerankGenerator(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                RerankSamplingSection(temperature=1.0, constrained=True, max_explanation_tokens=12),
-                                model=model)
+    sampling = RerankSamplingSection(temperature=1.0, constrained=True, max_explanation_tokens=max_explanation_tokens)
+    generator = RerankGenerator(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"), sampling, model=model)
     prompt = tokenizer.apply_chat_template(build_messages([], CANDIDATES), tokenize=False, add_generation_prompt=True)
     candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
     torch.manual_seed(seed)
@@ -147,6 +151,87 @@ def test_constraint_rejects_a_token_outside_the_allowed_set(tiny):
 def test_a_pinned_first_candidate_always_leads_the_ranking(tiny):
     for _, result in constrained_answers(tiny, samples=4, first=2, seed=1):
         assert result.valid and result.ranking[0] == 2
+
+
+def test_a_zero_explanation_budget_gives_reasoning_free_rankings_whose_every_free_token_is_a_choice(tiny):
+    """max_explanation_tokens=0 (the reasoning-free RL and evaluation option): the explanation's closing quote is
+    forced, so every answer is `{"explanation": "", ...}` with a valid ranking, and RL's replay of the constraint
+    (rec.rl.constrained_choices) leaves loss only on the candidates' SID tokens."""
+    from rec.rl import constrained_choices
+
+    tokenizer, _ = tiny
+    answers = constrained_answers(tiny, samples=6, max_explanation_tokens=0)
+    for text, result in answers:
+        assert result.valid and result.explanation == "" and text.startswith('{"explanation": "", '), text
+    assert len({tuple(result.ranking) for _, result in answers}) > 1
+    fmt = RankingAnswerFormat.from_tokenizer(tokenizer, eos_token="<|im_end|>")
+    candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
+    completion = tokenizer(answers[0][0] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    mask, choices = constrained_choices(RankingConstraint(fmt, candidate_ids, 0), completion)
+    sid_tokens = set(sum(candidate_ids, []))
+    assert sum(mask) == len(choices) > 0 and all(completion[p] in sid_tokens for p in choices)
+    assert fmt.max_tokens(candidate_ids, 0) == fmt.max_tokens(candidate_ids, 12) - 12
+
+
+def test_new_prompt_options_are_left_out_of_dumps_at_their_defaults():
+    """Stages fingerprint their prompt section and SFT saves it in gr2_rerank.json: at their defaults the options
+    added later must not appear, or every run and model recorded before them would count as another config."""
+    recorded = {"history_token_budget": 400, "max_title_chars": 100, "priming": None, "chat_template_kwargs": {}}
+    assert RerankPromptSection().model_dump(mode="json") == recorded
+    assert RerankPromptSection.model_validate(recorded) == RerankPromptSection()
+    on = RerankPromptSection(shuffle_candidates=True, history_format="midtrain")
+    assert on.model_dump(mode="json") == {**recorded, "shuffle_candidates": True, "history_format": "midtrain"}
+    assert RerankPromptSection.model_validate(on.model_dump(mode="json")) == on
+    with pytest.raises(ValueError, match="history_format"):
+        RerankPromptSection(history_format="sids")
+
+
+def test_a_shuffled_prompt_lists_the_candidates_in_a_seeded_order_and_answers_read_the_same(tiny, tiny_run):
+    """Only the prompt text is shuffled: an answer names SIDs, so it parses to the same ranking of the same items as
+    with the pre-rank order shown, and an invalid one still falls back to the pre-rank order."""
+    from rec.consistency import list_key, shuffled
+    from rec.rerank import final_ranking
+
+    tokenizer, _ = tiny
+    sid_of, title_of = catalogue(tiny_run)
+    items = sorted(sid_of)
+    history, candidates = items[:3], items[3:13]
+    plain = PromptBuilder(tokenizer, sid_of, title_of, RerankPromptSection())
+    mixed = PromptBuilder(tokenizer, sid_of, title_of, RerankPromptSection(shuffle_candidates=True))
+
+    def listed(builder) -> list[int]:
+        text = builder.messages(history, candidates)[1]["content"]
+        return sorted(candidates, key=lambda item: text.index(sid_of[item]))
+
+    assert listed(plain) == candidates
+    assert listed(mixed) == shuffled(candidates, list_key(history, candidates)) != candidates
+    assert mixed.prompt(history, candidates) == mixed.prompt(history, candidates)  # reruns see the same order
+    assert mixed.candidate_sids(candidates) == plain.candidate_sids(candidates)  # what answers are read against
+    ranked = candidates[::-1]
+    text = format_answer("x", [sid_of[i] for i in ranked])
+    assert final_ranking(parse_answer(text, mixed.candidate_sids(candidates)), candidates) == (ranked, None)
+    assert final_ranking(parse_answer("no answer", mixed.candidate_sids(candidates)), candidates)[0] == candidates
+
+
+def test_the_midtrain_history_format_writes_the_next_item_sequence_mid_training_saw(tiny, tiny_run):
+    from beam_fixtures import load_encoder
+
+    from rec.midtrain_data import next_item_prompt_ids
+
+    tokenizer, _ = tiny
+    sid_of, title_of = catalogue(tiny_run)
+    items = sorted(sid_of)
+    history, candidates = items[:30], items[30:40]
+    per_sid = len(tokenizer(sid_of[history[0]], add_special_tokens=False)["input_ids"])  # markers + one per level
+    section = RerankPromptSection(history_format="midtrain", history_token_budget=per_sid * 12)
+    builder = PromptBuilder(tokenizer, sid_of, title_of, section)
+    user = builder.messages(history, candidates)[1]["content"]
+    assert user.startswith("Purchase history:" + "".join(sid_of[i] for i in history[-12:]) + "\n")
+    assert sid_of[history[-13]] not in user and title_of[history[-1]] not in user
+    assert all(f"{n}. {sid_of[i]}" in user for n, i in enumerate(candidates, 1))  # candidates as before
+    _, prompt_ids = builder.prompt(history, candidates)
+    seen = next_item_prompt_ids(load_encoder(tiny_run, tokenizer), history[-12:])
+    assert any(prompt_ids[i:i + len(seen)] == seen for i in range(len(prompt_ids)))  # the very same token ids
 
 
 def test_length_check_refuses_a_reader_that_would_cut_the_trained_answers_and_names_both_fields():

@@ -15,6 +15,7 @@ from rec.rl import (
     informative_groups,
     overlong_penalty,
     reward_fn,
+    score_sample,
     unconditional_reward,
 )
 
@@ -32,6 +33,32 @@ def test_conditional_reward_pays_the_format_bonus_only_for_improvements(pre, pos
     assert reward_fn("conditional") is conditional_reward
     with pytest.raises(ValueError, match="registered"):
         reward_fn("nope")
+
+
+def test_an_answer_to_a_shuffled_prompt_is_scored_against_the_pre_rank_list():
+    """Rollouts may show the candidates shuffled (prompt.shuffle_candidates): answers name SIDs and are read against
+    the pre-rank list, so the reward is that of the ranking whatever order the prompt showed, an answer that copies
+    the shown order is not an identity answer, and an invalid one falls back to the pre-rank order (R_rank 0)."""
+    from rec.consistency import shuffled
+    from rec.rerank import final_ranking, format_answer, parse_answer
+
+    candidates, target = [7, 8, 9, 10, 11], 9  # pre = 2
+    sids = [f"<|sid_begin|><s_a_{i}><|sid_end|>" for i in candidates]
+    sid_of = dict(zip(candidates, sids))
+    shown = shuffled(candidates, 0, 1)
+    assert shown != candidates and shown.index(target) != 2
+
+    def scored(text: str):
+        ranking, reason = final_ranking(parse_answer(text, sids), candidates)
+        return score_sample(ranking, reason is None, candidates, target, "conditional", 0.1)
+
+    best = scored(format_answer("", [sid_of[i] for i in [9, 7, 8, 10, 11]]))
+    assert (best.pre, best.post, best.identity) == (2, 0, False) and best.reward == pytest.approx(0.4 + 0.1)
+    copied = scored(format_answer("", [sid_of[i] for i in shown]))
+    assert not copied.identity and copied.post == shown.index(target)
+    assert copied.rank_reward == pytest.approx((2 - shown.index(target)) / 5)
+    invalid = scored("no answer")
+    assert (invalid.valid, invalid.post, invalid.reward) == (False, 2, 0.0)
 
 
 def test_group_advantages_and_informative_groups():

@@ -118,6 +118,36 @@ def test_the_saved_lengths_hold_the_teachers_budget_and_the_longest_example(sft_
     assert longest <= counts["longest_prompt_tokens"] + counts["longest_answer_tokens"] <= 2 * longest
 
 
+def test_shuffled_prompts_keep_the_teachers_answers_as_they_are(sft_run_dir):
+    """prompt.shuffle_candidates: each prompt lists its candidates in the list's seeded order; the answer tokens (the
+    teacher's ranking by SID) are the same, and they still parse to the teacher's ranking of the same items."""
+    from transformers import AutoTokenizer
+
+    from pipelines.sft import build_examples
+    from rec.consistency import list_key, shuffled
+    from rec.rerank import final_ranking
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_run_dir.local_path("models", "midtrain"))
+    plain, _ = build_examples(_config(sft_run_dir.root), sft_run_dir, tokenizer)
+    mixed, _ = build_examples(_config(sft_run_dir.root, "prompt.shuffle_candidates=true"), sft_run_dir, tokenizer)
+    assert len(plain) == len(mixed) == 22
+
+    def answer(example):
+        return [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+
+    assert [answer(e) for e in mixed] == [answer(e) for e in plain]
+    assert sum(e["input_ids"] != p["input_ids"] for e, p in zip(mixed, plain)) >= 20
+    sid_of, _ = catalogue(sft_run_dir)
+    trace = sft_run_dir.read_parquet("traces", "reject.parquet").to_pylist()[0]
+    prompt = tokenizer.decode([t for t, label in zip(mixed[0]["input_ids"], mixed[0]["labels"])
+                               if label == IGNORE_INDEX])
+    listed = sorted(trace["candidates"], key=lambda item: prompt.index(sid_of[item]))
+    assert listed == shuffled(trace["candidates"], list_key(trace["history"], trace["candidates"]))
+    ranking, reason = final_ranking(parse_answer(trace["completion"], [sid_of[i] for i in trace["candidates"]]),
+                                    trace["candidates"])
+    assert reason is None and ranking[0] == trace["target"]
+
+
 def test_weighted_loss_with_unit_weights_is_the_usual_causal_lm_loss():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
