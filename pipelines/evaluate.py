@@ -6,7 +6,9 @@ Reads `<run_dir>/candidates/{split}.parquet` (the pre-ranker's lists), `<run_dir
 are marked and counted). A model is either `prerank` (the incoming order itself: nothing is generated) or a local
 checkpoint; checkpoints run one after another, each on its own Ray Data actor pool of vLLM engines. Re-ranking is the
 one implementation in rec/ (`PromptBuilder` -> `RerankGenerator` -> `parse_answer` -> `final_ranking`): an answer
-that is not a permutation of the candidates falls back to the pre-rank order and is counted as invalid.
+that is not a permutation of the candidates falls back to the pre-rank order and is counted as invalid. A model entry
+with `self_consistency: {orders: K}` re-ranks K orders of each list (the incoming one and K - 1 seeded shuffles) and
+aggregates the answers by Borda count (rec.consistency).
 
 Writes `<run_dir>/eval/rows_<model>.parquet` (row_id, user_id, history, target, candidates, target_inserted, ranking,
 valid, reason, generated_tokens, completion; the config in its Parquet metadata), `eval/metrics.json` (model ->
@@ -50,6 +52,7 @@ from pipelines.common import (
 from pipelines.lineage import stage_inputs
 from pipelines.traces import eligible_rows
 from rec.config import ConfigError, Section, config_fingerprint
+from rec.consistency import AGGREGATES, candidate_orders
 from rec.data import DataError
 from rec.io import RunDir
 from rec.metrics import ranking_metrics, target_ranks
@@ -72,6 +75,18 @@ TABLE_COLUMNS = (("recall@1", "R@1", 4), ("recall@3", "R@3", 4), ("recall@5", "R
 WRITERS = (("midtrain", "the midtrain stage"), ("sft", "the sft stage"), ("rl", "the rl stage"))
 
 
+class SelfConsistencySection(Section):
+    """Permutation self-consistency (rec.consistency): a model re-ranks several orders of each list, and the rankings
+    become one."""
+
+    orders: int = Field(default=1, ge=1)
+    """Orders re-ranked per list: the incoming (pre-rank) order and `orders - 1` seeded shuffles (keyed by seed and
+    row_id); 1 is off (one answer to the incoming order)."""
+    aggregate: Literal["borda"] = "borda"
+    """How the valid answers' rankings become the final one (rec.consistency.AGGREGATES): Borda count, ties by
+    pre-rank position. A list whose every answer is invalid keeps the pre-rank order and counts as invalid."""
+
+
 class ModelEntry(Section):
     """One model to evaluate."""
 
@@ -80,10 +95,20 @@ class ModelEntry(Section):
     path: str | None = None
     """`prerank` (or null with the name `prerank`): the pre-rank order itself. Otherwise a local checkpoint dir;
     a path not starting with `/` is under `model_root` (default: the run dir), e.g. `models/sft_reject`."""
+    self_consistency: SelfConsistencySection = Field(default_factory=SelfConsistencySection)
+    """Re-rank several orders of each list and aggregate (orders: 1, the default, is one answer per list); the
+    identity rate is then that of the aggregated ranking."""
 
     @property
     def is_prerank(self) -> bool:
         return self.path == PRERANK or (self.path is None and self.name == PRERANK)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The entry as its rows file records it; self-consistency off is left out, as before the option existed."""
+        entry = self.model_dump(mode="json")
+        if self.self_consistency.orders == 1:
+            del entry["self_consistency"]
+        return entry
 
 
 class EvaluateConfig(EngineActorsConfig):
@@ -117,6 +142,9 @@ class EvaluateConfig(EngineActorsConfig):
         for m in self.models:
             if m.path is None and not m.is_prerank:
                 raise ValueError(f"model {m.name!r} has no path: give a checkpoint dir, or path: {PRERANK}")
+            if m.is_prerank and m.self_consistency.orders > 1:
+                raise ValueError(f"model {m.name!r} is the pre-rank order: it has no answers to aggregate, drop its "
+                                 "self_consistency")
         return self
 
 
@@ -169,35 +197,57 @@ def check_model_lengths(cfg: EvaluateConfig, models: dict[str, str | None]) -> d
     return settings
 
 
-def rerank_rows(reranker, batch: pa.Table) -> pa.Table:
+def rerank_rows(reranker, batch: pa.Table, consistency: SelfConsistencySection | None = None, seed: int = 0
+                ) -> pa.Table:
     """One greedy (or sampled) answer per row -> final ranking (`rec.engines.reranker.Reranker`: a prompt too long for the
-    engine is not sent and falls back like an invalid answer, with the reason `prompt_too_long`)."""
-    results = reranker.rerank(batch.column("history").to_pylist(), batch.column("candidates").to_pylist())
-    return pa.table({
-        "row_id": batch.column("row_id"),
-        "ranking": [r.ranking for r in results],
-        "valid": [r.reason is None for r in results],
-        "reason": [r.reason for r in results],
-        "generated_tokens": [r.generated_tokens for r in results],
-        "completion": [r.completion for r in results],
-    }, schema=RESULT_SCHEMA)
+    engine is not sent and falls back like an invalid answer, with the reason `prompt_too_long`).
+
+    With `consistency.orders` K > 1 the reranker answers K orders of each row's list (`candidate_orders`, seeded by
+    `seed` and the row id; all K x rows in one call); the valid answers' rankings are aggregated (Borda), the row is
+    invalid only when every answer is (reason: the first answer's), `generated_tokens` sums the K answers and
+    `completion` holds them as a JSON list."""
+    consistency = consistency or SelfConsistencySection()
+    k = consistency.orders
+    lists = batch.column("candidates").to_pylist()
+    shown = [order for items, row_id in zip(lists, batch.column("row_id").to_pylist())
+             for order in candidate_orders(items, k, seed, row_id)]
+    histories = [history for history in batch.column("history").to_pylist() for _ in range(k)]
+    results = reranker.rerank(histories, shown)
+    rankings, reasons, tokens, completions = [], [], [], []
+    for row, items in enumerate(lists):
+        answers = results[row * k:(row + 1) * k]
+        if k == 1:
+            rankings.append(answers[0].ranking)
+            reasons.append(answers[0].reason)
+            completions.append(answers[0].completion)
+        else:
+            valid = [a.ranking for a in answers if a.reason is None]
+            rankings.append(AGGREGATES[consistency.aggregate](valid, items) if valid else list(items))
+            reasons.append(None if valid else answers[0].reason)
+            completions.append(json.dumps([a.completion for a in answers], ensure_ascii=False))
+        tokens.append(sum(a.generated_tokens for a in answers))
+    return pa.table({"row_id": batch.column("row_id"), "ranking": rankings, "valid": [r is None for r in reasons],
+                     "reason": reasons, "generated_tokens": tokens, "completion": completions}, schema=RESULT_SCHEMA)
 
 
 class RerankBatch:
     """Ray Data actor: candidate rows -> one model's final rankings; one engine per actor, built once."""
 
-    def __init__(self, run_dir: str, model: str, prompt: dict[str, Any], eos_token: str, cfg: dict[str, Any]):
+    def __init__(self, run_dir: str, model: str, prompt: dict[str, Any], eos_token: str, cfg: dict[str, Any],
+                 consistency: dict[str, Any] | None = None):
         from pipelines.common import setup_logging
 
         setup_logging()
         cfg = EvaluateConfig.model_validate(cfg)
+        self.seed = cfg.seed
+        self.consistency = SelfConsistencySection.model_validate(consistency or {})
         self.reranker, bound, self._core_lock = start_reranker(
             RunDir.open(run_dir), model, RerankPromptSection.model_validate(prompt), eos_token, cfg.sampling,
             cfg.engine, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.bind_cores, seed=cfg.seed)
         log.info("evaluate actor: %s on cores %s", model, bound or "-")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return rerank_rows(self.reranker, batch)
+        return rerank_rows(self.reranker, batch, self.consistency, self.seed)
 
 
 def prerank_results(rows: pa.Table) -> pa.Table:
@@ -224,7 +274,7 @@ def fingerprints(cfg: EvaluateConfig, entry: ModelEntry, model: str | None, prom
     final = config_fingerprint(cfg, exclude=EvaluateConfig.RESOURCE_FIELDS | {"models", "model_root", "prompt",
                                                                              "eos_token"})
     final["engine"].pop("kv_cache_memory_bytes", None)
-    final.update(model=entry.model_dump(mode="json"), candidates_digest=candidates_digest)
+    final.update(model=entry.fingerprint(), candidates_digest=candidates_digest)
     if model is None:  # the pre-rank order: no engine, no prompt
         del final["engine"], final["sampling"]
     else:
@@ -236,13 +286,14 @@ def finished_fingerprint(run_dir: RunDir, name: str) -> dict | None:
     return run_dir.parquet_json_metadata(META_KEY, "eval", f"rows_{name}.parquet")
 
 
-def generate(cfg: EvaluateConfig, name: str, model: str, prompt: RerankPromptSection, eos: str, pending: pa.Table,
-             parts: Parts) -> None:
+def generate(cfg: EvaluateConfig, entry: ModelEntry, model: str, prompt: RerankPromptSection, eos: str,
+             pending: pa.Table, parts: Parts) -> None:
     """Re-rank `pending` rows with one model on its own actor pool, flushing results to `parts`."""
+    name = entry.name
     started, done, invalid, buffered = time.perf_counter(), 0, 0, []
     batches = stream_actor_pool(cfg, pending, RerankBatch, {
         "run_dir": cfg.run_dir, "model": model, "prompt": prompt.model_dump(mode="json"), "eos_token": eos,
-        "cfg": cfg.model_dump(mode="json")})
+        "cfg": cfg.model_dump(mode="json"), "consistency": entry.self_consistency.model_dump(mode="json")})
     for batch in batches:
         buffered.append(batch)
         done += batch.num_rows
@@ -256,9 +307,10 @@ def generate(cfg: EvaluateConfig, name: str, model: str, prompt: RerankPromptSec
         parts.write(pa.concat_tables(buffered))
 
 
-def evaluate_model(cfg: EvaluateConfig, run_dir: RunDir, name: str, model: str | None,
+def evaluate_model(cfg: EvaluateConfig, run_dir: RunDir, entry: ModelEntry, model: str | None,
                    settings: tuple[RerankPromptSection, str], rows: pa.Table, final_fp: dict, parts_fp: dict) -> None:
     """Re-rank `rows` with one model (rows in its parts are kept) and write `eval/rows_<name>.parquet`."""
+    name = entry.name
     if model is None:
         results = prerank_results(rows)
     else:
@@ -269,7 +321,8 @@ def evaluate_model(cfg: EvaluateConfig, run_dir: RunDir, name: str, model: str |
         log.info("evaluate (%s): %d rows, %d done by an earlier run; %s", name, rows.num_rows,
                  rows.num_rows - pending.num_rows, model)
         if pending.num_rows:
-            generate(cfg, name, model, *settings, pending.select(["row_id", "history", "candidates", "target"]), parts)
+            generate(cfg, entry, model, *settings, pending.select(["row_id", "history", "candidates", "target"]),
+                     parts)
         results = parts.read()
         results = results.filter(pc.is_in(results.column("row_id"), rows.column("row_id"))).sort_by("row_id")
         if results.column("row_id").to_pylist() != rows.column("row_id").to_pylist():
@@ -391,7 +444,7 @@ def run(cfg: EvaluateConfig, command: str | None = None) -> dict[str, Any]:
     if cfg.overwrite and run_dir.exists("eval", "_parts"):
         run_dir.fs.delete_dir(run_dir.path("eval", "_parts"))
     for entry, final_fp, parts_fp in plans:
-        evaluate_model(cfg, run_dir, entry.name, models[entry.name], settings[entry.name], rows, final_fp, parts_fp)
+        evaluate_model(cfg, run_dir, entry, models[entry.name], settings[entry.name], rows, final_fp, parts_fp)
     if plans and run_dir.exists("eval", "_parts"):  # every model is final now; parts of other configs are stale
         run_dir.fs.delete_dir(run_dir.path("eval", "_parts"))
     metrics = {m.name: model_metrics(run_dir.read_parquet("eval", f"rows_{m.name}.parquet")) for m in cfg.models}

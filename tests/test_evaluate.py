@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +19,7 @@ from pipelines.evaluate import (
     RESULT_SCHEMA,
     EvaluateConfig,
     ModelEntry,
+    SelfConsistencySection,
     fingerprints,
     model_metrics,
     rerank_rows,
@@ -25,6 +28,7 @@ from pipelines.evaluate import (
     run,
     table_digest,
 )
+from pipelines.lineage import stage_inputs
 from prerank_candidates import write_candidates
 from rec.config import ConfigError, load_config
 from rec.engines.reranker import Reranker
@@ -186,6 +190,144 @@ def test_rows_parse_answers_fall_back_on_invalid_ones_and_skip_prompts_that_do_n
     assert rows[1]["completion"] == "no json at all" and rows[2]["completion"] is None
 
 
+class OrderGenerator:
+    """Answers that rank the candidates by `rule(shown order)`; the lists named in `invalid` get no answer."""
+
+    def __init__(self, rule, invalid=()):
+        self.rule, self.invalid, self.shown = rule, [list(c) for c in invalid], []
+
+    def max_tokens(self, candidate_token_ids):
+        return 64
+
+    def generate(self, prompts, candidate_token_ids, samples):
+        answers = []
+        for tokens in candidate_token_ids:
+            shown = [t for (t,) in tokens]
+            self.shown.append(shown)
+            answers.append([("no json" if shown in self.invalid else
+                             format_answer("", [f"<{i}>" for i in self.rule(shown)]), 5)])
+        return answers
+
+
+def _lists(*candidates) -> pa.Table:
+    return pa.table({"row_id": list(range(len(candidates))), "history": [[1]] * len(candidates),
+                     "candidates": [list(c) for c in candidates], "target": [c[0] for c in candidates]})
+
+
+def test_self_consistency_aggregates_answers_to_several_orders_of_each_list():
+    from rec.consistency import borda, candidate_orders
+
+    first, second = list(range(100, 110)), list(range(200, 210))
+    batch = _lists(first, second)
+    four = SelfConsistencySection(orders=4)
+    orders = [candidate_orders(c, 4, 0, row) for row, c in enumerate(batch.column("candidates").to_pylist())]
+    copier = OrderGenerator(lambda shown: shown)  # leans on position only: answers the order it is shown
+    plain = rerank_rows(Reranker(FakePrompts(), copier, 1024), batch).to_pylist()
+    assert [r["ranking"] for r in plain] == [first, second] and copier.shown == [first, second]
+    copier.shown.clear()
+    rows = rerank_rows(Reranker(FakePrompts(), copier, 1024), batch, four, seed=0).to_pylist()
+    assert copier.shown == [o for row in orders for o in row]  # K x rows lists, the incoming order first
+    assert [r["ranking"] for r in rows] == [borda(o, o[0]) for o in orders]
+    assert all(r["ranking"] != o[0] for r, o in zip(rows, orders))  # copying no longer reproduces the pre-rank order
+    assert [r["generated_tokens"] for r in rows] == [20, 20] and all(r["valid"] for r in rows)
+    assert len(json.loads(rows[0]["completion"])) == 4
+    # a ranker that ignores position (by item id, descending) keeps its ranking; invalid answers are left out, and a
+    # list whose every answer is invalid keeps the pre-rank order with the first answer's reason
+    content = OrderGenerator(lambda shown: sorted(shown, reverse=True), invalid=[orders[0][1], *orders[1]])
+    rows = rerank_rows(Reranker(FakePrompts(), content, 1024), batch, four, seed=0).to_pylist()
+    assert rows[0]["ranking"] == first[::-1] and rows[0]["valid"] and rows[0]["reason"] is None
+    assert rows[1]["ranking"] == second and not rows[1]["valid"] and rows[1]["reason"] == "no_answer"
+    metrics = model_metrics(_rows([r["ranking"] for r in rows], [r["valid"] for r in rows],
+                                  [r["reason"] for r in rows], [100, 200], [first, second],
+                                  [r["generated_tokens"] for r in rows], [False, False]))
+    assert (metrics["identity_rate"], metrics["invalid_rate"]) == (0.0, 0.5)  # of the aggregated rankings
+
+
+def test_self_consistency_is_per_model_and_off_keeps_the_recorded_fingerprint():
+    cfg = _config("x", "models=[{name: prerank}, {name: rl_sc4, path: models/rl, self_consistency: {orders: 4}}]")
+    assert cfg.models[1].self_consistency.orders == 4 and cfg.models[0].self_consistency.orders == 1
+    plain = ModelEntry(name="rl", path="models/rl")
+    fp, _ = fingerprints(cfg, plain, None, cfg.prompt, cfg.eos_token, "digest")
+    assert fp["model"] == {"name": "rl", "path": "models/rl"}  # as rows files written before the option hold it
+    fp, _ = fingerprints(cfg, cfg.models[1], None, cfg.prompt, cfg.eos_token, "digest")
+    assert fp["model"]["self_consistency"] == {"orders": 4, "aggregate": "borda"}
+    with pytest.raises(ConfigError, match="pre-rank order: it has no answers to aggregate"):
+        _config("x", "models=[{name: prerank, self_consistency: {orders: 2}}]")
+
+
+def _ablation():
+    """bench/rerank_ablation.py (bench/ is a folder of scripts, not a package)."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import rerank_ablation
+
+    return rerank_ablation
+
+
+def test_ablation_dry_run_prints_every_variants_commands_and_skips_evaluated_ones(tmp_path, capsys):
+    ablation = _ablation()
+    run_dir = RunDir.open(str(tmp_path / "run"))
+    run_dir.write_parquet(pa.table({"row_id": [0]}), "eval", "rows_sft_reject.parquet")
+    assert ablation.main(["--run-dir", run_dir.root, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# sft_reject: done" in out and "# prerank: pre-rank order" in out
+    commands = [line.split() for line in out.splitlines() if line.startswith("python ")]
+    evaluations = [c for c in commands if c[2] == "pipelines.evaluate"]
+    assert len(evaluations) == len(ablation.variants()) - 1  # every variant but the evaluated one
+    run = f"run_dir={run_dir.root}"
+    assert all(run in c and "pipelines/configs/tiny_full/" in c[4] for c in commands)
+    text = out.replace("'", "")
+    assert "pipelines.sft --config pipelines/configs/tiny_full/sft.yaml " + run + \
+        " source=reject prompt.shuffle_candidates=true output=sft_reject_shuffle" in text
+    # the preset's own SFT run left `output` null: naming it would change the fingerprint of the finished model
+    assert f"pipelines.sft --config pipelines/configs/tiny_full/sft.yaml {run} source=reject\n" in text
+    assert "init_model=models/midtrain output=rl_zero" in text and "rl.steps=1000 output=rl_long" in text
+    assert "sampling.max_explanation_tokens=0 output=rl_noexp" in text
+    assert '"name": "rl_sc4", "path": "models/rl", "self_consistency": {"orders": 4' in text
+    assert "prompt.history_format=midtrain output=sft_reject_midhist" in text
+    for line in out.splitlines():  # every evaluation's overrides make a valid config
+        if "pipelines.evaluate" in line:
+            assert len(_config(run_dir.root, *shlex.split(line)[6:]).models) == 1
+    assert not run_dir.exists("models") and not run_dir.exists(*ablation.SECONDS_FILE)  # nothing ran
+
+
+def test_ablation_table_has_a_row_per_evaluated_variant_with_the_asked_columns(tmp_path):
+    ablation = _ablation()
+    row = {"lever": "RL from SFT", "model": "rl", "orders": 1, "recall@1": 0.1177, "ndcg@5": 0.3293,
+           "ndcg@10": 0.4735, "identity_rate": 0.0, "invalid_rate": 0.0, "train_s": 558.0, "eval_s": None,
+           "val_curve": [{"step": 20, "val_recall@1": 0.2, "val_ndcg@5": 0.4}], "commands": ["python -m x"]}
+    results = {"run_dir": "runs/tiny_full", "preset": "tiny_full", "rows": 1478, "not_evaluated": ["rl_long"],
+               "variants": {"prerank": {**row, "lever": "pre-rank order", "model": None, "recall@1": 0.2605,
+                                        "ndcg@5": 0.4670, "ndcg@10": 0.5731, "identity_rate": 1.0, "train_s": None,
+                                        "val_curve": None},
+                            "rl": row}}
+    ablation.write_results(results, tmp_path / "rerank_ablation_tiny_full")
+    table = (tmp_path / "rerank_ablation_tiny_full.md").read_text()
+    assert "| variant | lever | N@5 | N@10 | R@1 | identity | invalid | train s | eval s |" in table
+    assert "| prerank | pre-rank order | 0.4670 | 0.5731 | 0.2605 | 1.0000 | 0.0000 | - | - |" in table
+    assert "| rl | RL from SFT | 0.3293 | 0.4735 | 0.1177 | 0.0000 | 0.0000 | 558 | - |" in table
+    assert "1478 test lists" in table and "Not evaluated yet: rl_long." in table
+    assert json.loads((tmp_path / "rerank_ablation_tiny_full.json").read_text()) == results
+
+
+def test_ablation_results_come_from_the_rows_files_and_must_share_the_test_lists(tmp_path):
+    ablation = _ablation()
+    run_dir = RunDir.open(str(tmp_path / "run"))
+    rows = _rows(rankings=[[1, 2], [4, 3]], valid=[True, True], reasons=[None, None], targets=[1, 3],
+                 candidates=[[1, 2], [3, 4]], tokens=[0, 0], inserted=[False, False])
+    rows = rows.append_column("row_id", pa.array([0, 1]))
+    run_dir.write_parquet(rows, "eval", "rows_prerank.parquet")
+    run_dir.write_parquet(rows, "eval", "rows_rl.parquet")
+    chosen = [v for v in ablation.variants() if v.name in ("prerank", "rl", "rl_zero")]
+    results = ablation.collect(run_dir, chosen, "tiny_full", {"rl": 12.5})
+    assert list(results["variants"]) == ["prerank", "rl"] and results["not_evaluated"] == ["rl_zero"]
+    rl = results["variants"]["rl"]
+    assert (rl["recall@1"], rl["identity_rate"], rl["eval_s"], rl["train_s"], rl["rows"]) == (0.5, 0.5, 12.5, None, 2)
+    assert rl["commands"][-1].startswith("python -m pipelines.evaluate")
+    run_dir.write_parquet(rows.slice(0, 1), "eval", "rows_rl.parquet")
+    with pytest.raises(ValueError, match="different test lists"):
+        ablation.collect(run_dir, chosen, "tiny_full", {})
+
+
 def test_stage_on_a_real_ray_pool_resumes_skips_and_refuses_another_config(tmp_path):
     """The pre-rank order and a random tiny model (which never learned the answer format) on 12 test rows: one real
     vLLM engine in a Ray Data actor pool; two rows of the model were finished by an earlier run."""
@@ -200,6 +342,7 @@ def test_stage_on_a_real_ray_pool_resumes_skips_and_refuses_another_config(tmp_p
     model = run_dir.local_path("models", "midtrain")
     _, parts_fp = fingerprints(cfg, cfg.models[1], model, cfg.prompt, cfg.eos_token,
                                table_digest(run_dir.read_parquet("candidates", "test.parquet")))
+    parts_fp["inputs"] = stage_inputs(run_dir, "evaluate")  # as run() keys them
     earlier = pa.table({"row_id": [0, 1], "ranking": [[-1], [-2]], "valid": [False, False],
                         "reason": ["bad_json", "bad_json"], "generated_tokens": [5, 5],
                         "completion": ["earlier", "earlier"]}, schema=RESULT_SCHEMA)

@@ -1,0 +1,266 @@
+"""Re-ranker levers side by side on one finished run, every row measured on the same test lists (issue 16).
+
+Given a run dir whose midtrain, prerank, traces and sft stages are done (`PRESET=tiny_full`), each variant trains what
+it needs into a model folder of its own (the stages skip work already finished) and is evaluated by
+`pipelines.evaluate` on the preset's test lists into `eval/rows_<variant>.parquet`. A variant whose rows file exists is
+skipped, so a killed or extended ablation resumes where it stopped; a row evaluated earlier under the same name (the
+preset's own evaluation writes `rows_prerank`, `rows_sft_reject`, `rows_rl`) is reused. Each variant's evaluation is
+its own `pipelines.evaluate` run, so `eval/metrics.json` and `eval/table.md` hold the last one's model afterwards
+(rerun the preset's evaluate config to rewrite them: its finished models are skipped).
+
+Variants (`--source reject`; `--only NAME ...` picks some):
+
+| variant | lever |
+|---|---|
+| prerank | the incoming order |
+| sft_reject | SFT, prompts in pre-rank order |
+| sft_reject_shuffle | SFT on prompts that list the candidates shuffled (`prompt.shuffle_candidates`) |
+| sft_reject_noexp | sft_reject answering without an explanation (`sampling.max_explanation_tokens=0`) |
+| sft_reject_sc4 | sft_reject with permutation self-consistency over 4 orders (Borda) |
+| sft_reject_midhist | SFT with the history written as mid-training saw it (`prompt.history_format=midtrain`) |
+| rl | RL from sft_reject, the preset's steps (200) |
+| rl_shuffle | RL from sft_reject_shuffle (its prompt, shuffled, travels with the model into the rollouts) |
+| rl_zero | RL from midtrain (no SFT) |
+| rl_long | RL from sft_reject, `--long-steps` (1,000) steps; its validation curve is in the json |
+| rl_noexp | RL from sft_reject without explanations, in training and evaluation |
+| rl_sc4 | rl with self-consistency over 4 orders |
+| rl_midhist | RL from sft_reject_midhist |
+
+Writes bench/results/rerank_ablation_<run dir name>.{md,json}: per variant N@5, N@10, R@1, identity and invalid
+rates, the training seconds of its model (its sft_report / rl_report) and the driver's evaluation seconds (kept in
+`<run_dir>/eval/rerank_ablation_seconds.json`), the commands, and RL validation curves.
+
+    python bench/rerank_ablation.py --run-dir runs/tiny_full --dry-run       # the commands it would run
+    python bench/rerank_ablation.py --run-dir runs/tiny_full                 # hours on 2 cores (rl_long ~45 min)
+    python bench/rerank_ablation.py --run-dir runs/tiny_full --only prerank sft_reject sft_reject_sc4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.common import REPO_ROOT  # noqa: E402
+from rec.io import RunDir  # noqa: E402
+
+RESULTS = REPO_ROOT / "bench" / "results"
+SECONDS_FILE = ("eval", "rerank_ablation_seconds.json")
+NO_EXPLANATION = ("sampling.max_explanation_tokens=0",)
+# (key in the results, table column, decimals)
+COLUMNS = (("ndcg@5", "N@5", 4), ("ndcg@10", "N@10", 4), ("recall@1", "R@1", 4), ("identity_rate", "identity", 4),
+           ("invalid_rate", "invalid", 4), ("train_s", "train s", 0), ("eval_s", "eval s", 0))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage run that a variant needs before its evaluation (`key=value` overrides of the preset's config)."""
+
+    stage: str
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    """Its row: `eval/rows_<name>.parquet`."""
+    lever: str
+    model: str | None
+    """The evaluated folder under models/; None is the pre-rank order."""
+    steps: tuple[Step, ...] = ()
+    evaluate: tuple[str, ...] = ()
+    """Overrides of the evaluate config (its sampling)."""
+    orders: int = 1
+    """Self-consistency orders (1: one answer per list)."""
+
+
+def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4) -> list[Variant]:
+    """Every variant, in table order."""
+    sft = f"sft_{source}"
+    rl = "rl" if source == "reject" else f"rl_{source}"
+
+    def train_sft(output: str | None = None, *overrides: str) -> Step:
+        # no output for sft_<source>: `output` is fingerprinted, and the preset's own run left it null
+        return Step("sft", (f"source={source}", *overrides, *([f"output={output}"] if output else [])))
+
+    def train_rl(init: str, output: str, *overrides: str) -> Step:
+        return Step("rl", (f"init_model=models/{init}", *overrides, f"output={output}"))
+
+    base_sft, base_rl = train_sft(), train_rl(sft, rl)
+    shuffle_sft = train_sft(f"{sft}_shuffle", "prompt.shuffle_candidates=true")
+    midhist_sft = train_sft(f"{sft}_midhist", "prompt.history_format=midtrain")
+    return [
+        Variant("prerank", "pre-rank order", None),
+        Variant(sft, f"SFT ({source} traces), candidates in pre-rank order", sft, (base_sft,)),
+        Variant(f"{sft}_shuffle", "SFT, candidates shuffled in every prompt", f"{sft}_shuffle", (shuffle_sft,)),
+        Variant(f"{sft}_noexp", "SFT, answers without explanation", sft, (base_sft,), NO_EXPLANATION),
+        Variant(f"{sft}_sc{orders}", f"SFT, self-consistency over {orders} orders (Borda)", sft, (base_sft,),
+                orders=orders),
+        Variant(f"{sft}_midhist", "SFT, history as mid-training wrote it", f"{sft}_midhist", (midhist_sft,)),
+        Variant(rl, "RL from SFT", rl, (base_sft, base_rl)),
+        Variant(f"{rl}_shuffle", "RL from the shuffled SFT, shuffled rollouts", f"{rl}_shuffle",
+                (shuffle_sft, train_rl(f"{sft}_shuffle", f"{rl}_shuffle"))),
+        Variant("rl_zero", "RL from midtrain (RL-zero)", "rl_zero", (train_rl("midtrain", "rl_zero"),)),
+        Variant(f"{rl}_long", f"RL from SFT, {long_steps} steps", f"{rl}_long",
+                (base_sft, train_rl(sft, f"{rl}_long", f"rl.steps={long_steps}"))),
+        Variant(f"{rl}_noexp", "RL from SFT, no explanation (trained and evaluated)", f"{rl}_noexp",
+                (base_sft, train_rl(sft, f"{rl}_noexp", *NO_EXPLANATION)), NO_EXPLANATION),
+        Variant(f"{rl}_sc{orders}", f"RL from SFT, self-consistency over {orders} orders (Borda)", rl,
+                (base_sft, base_rl), orders=orders),
+        Variant(f"{rl}_midhist", "RL from the mid-training-history SFT", f"{rl}_midhist",
+                (midhist_sft, train_rl(f"{sft}_midhist", f"{rl}_midhist"))),
+    ]
+
+
+def stage_command(stage: str, preset: str, run_dir: str, overrides: tuple[str, ...] = ()) -> list[str]:
+    return ["python", "-m", f"pipelines.{stage}", "--config", f"pipelines/configs/{preset}/{stage}.yaml",
+            f"run_dir={run_dir}", *overrides]
+
+
+def commands(variant: Variant, preset: str, run_dir: str) -> list[list[str]]:
+    """The stage runs of one variant, its evaluation last."""
+    entry: dict[str, Any] = {"name": variant.name, "path": f"models/{variant.model}" if variant.model else "prerank"}
+    if variant.orders > 1:
+        entry["self_consistency"] = {"orders": variant.orders, "aggregate": "borda"}
+    evaluate = stage_command("evaluate", preset, run_dir, (f"models={json.dumps([entry])}", *variant.evaluate))
+    return [stage_command(step.stage, preset, run_dir, step.overrides) for step in variant.steps] + [evaluate]
+
+
+def evaluated(run_dir: RunDir, variant: Variant) -> bool:
+    return run_dir.exists("eval", f"rows_{variant.name}.parquet")
+
+
+def run_variant(run_dir: RunDir, variant: Variant, preset: str, seconds: dict[str, float]) -> None:
+    """Run a variant's commands in order (a failing one raises), timing its evaluation into `seconds`."""
+    *train, evaluate = commands(variant, preset, run_dir.root)
+    for command in train:
+        print("+", shlex.join(command), flush=True)
+        subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT, check=True)
+    print("+", shlex.join(evaluate), flush=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, *evaluate[1:]], cwd=REPO_ROOT, check=True)
+    seconds[variant.name] = round(time.perf_counter() - started, 1)
+    run_dir.write_json(seconds, *SECONDS_FILE)
+
+
+def train_seconds(run_dir: RunDir, model: str | None) -> float | None:
+    """The training time its stage reported for a model folder (sft_report.json or rl_report.json)."""
+    for report in ("sft_report.json", "rl_report.json"):
+        if model and run_dir.exists("models", model, report):
+            return run_dir.read_json("models", model, report).get("seconds")
+    return None
+
+
+def val_curve(run_dir: RunDir, model: str | None) -> list[dict] | None:
+    """An RL model's validation metrics over training (train_log.jsonl), or None."""
+    from pipelines.train_utils import read_train_log
+
+    if not model or not run_dir.exists("models", model, "rl_report.json"):
+        return None
+    return [{k: h[k] for k in ("step", "val_recall@1", "val_ndcg@5")}
+            for h in read_train_log(run_dir, "models", model) if "val_ndcg@5" in h]
+
+
+def collect(run_dir: RunDir, chosen: list[Variant], preset: str, seconds: dict[str, float]) -> dict[str, Any]:
+    """The results of every evaluated variant (metrics from its rows file); all must cover the same test lists."""
+    from pipelines.evaluate import model_metrics
+
+    rows, row_ids = {}, {}
+    for variant in chosen:
+        if not evaluated(run_dir, variant):
+            continue
+        table = run_dir.read_parquet("eval", f"rows_{variant.name}.parquet")
+        row_ids[variant.name] = table.column("row_id").to_pylist()
+        metrics = model_metrics(table)
+        rows[variant.name] = {
+            "lever": variant.lever, "model": variant.model, "orders": variant.orders,
+            **{key: metrics[key] for key in ("recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5", "ndcg@10", "mrr",
+                                             "identity_rate", "invalid_rate", "mean_generated_tokens", "rows")},
+            "train_s": train_seconds(run_dir, variant.model), "eval_s": seconds.get(variant.name),
+            "val_curve": val_curve(run_dir, variant.model),
+            "commands": [shlex.join(c) for c in commands(variant, preset, run_dir.root)],
+        }
+    if len({tuple(ids) for ids in row_ids.values()}) > 1:
+        sizes = {name: len(ids) for name, ids in row_ids.items()}
+        raise ValueError(f"the variants' rows files hold different test lists ({sizes}); evaluate them with one "
+                         "config (remove the odd rows files and rerun)")
+    return {"run_dir": run_dir.root, "preset": preset, "rows": next(iter(rows.values()))["rows"] if rows else 0,
+            "variants": rows, "not_evaluated": [v.name for v in chosen if v.name not in rows]}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The table: one row per evaluated variant, the pre-rank row first when present."""
+    lines = [f"# Re-ranker levers on {results['run_dir']} ({results['rows']} test lists that hold their target)", "",
+             "| variant | lever | " + " | ".join(column for _, column, _ in COLUMNS) + " |",
+             "|---|---|" + "---:|" * len(COLUMNS)]
+    for name, row in results["variants"].items():
+        cells = ["-" if row[key] is None else f"{row[key]:.{decimals}f}" for key, _, decimals in COLUMNS]
+        lines.append(f"| {name} | {row['lever']} | " + " | ".join(cells) + " |")
+    lines += ["", "Every row re-ranks the same lists (constrained greedy answers, the preset's evaluate config). "
+                  "`identity` = valid answers equal to the pre-rank order / rows (of the aggregated ranking under "
+                  "self-consistency); `invalid` = answers that fell back to the pre-rank order. `train s` = the "
+                  "stage's own time for that model (shared by the rows that evaluate it), `eval s` = the evaluation's "
+                  "wall time in this driver (`-`: evaluated elsewhere). Commands per row in the json."]
+    if results["not_evaluated"]:
+        lines.append(f"Not evaluated yet: {', '.join(results['not_evaluated'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict[str, Any], stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/tiny_full")
+    parser.add_argument("--preset", default="tiny_full", help="configs from pipelines/configs/<preset>/")
+    parser.add_argument("--source", default="reject", choices=("reject", "target"), help="the SFT traces")
+    parser.add_argument("--long-steps", type=int, default=1000, help="RL steps of the long run")
+    parser.add_argument("--orders", type=int, default=4, help="self-consistency orders (K)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="these variants only")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands; run nothing, write nothing")
+    parser.add_argument("--out", default=None, help="results stem (default bench/results/rerank_ablation_<run dir>)")
+    args = parser.parse_args(argv)
+    every = variants(args.source, args.long_steps, args.orders)
+    unknown = set(args.only or ()) - {v.name for v in every}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {[v.name for v in every]}")
+    chosen = [v for v in every if args.only is None or v.name in args.only]
+    run_dir = RunDir.open(args.run_dir)
+    seconds = run_dir.read_json(*SECONDS_FILE) if run_dir.exists(*SECONDS_FILE) else {}
+    failed = []
+    for variant in chosen:
+        if evaluated(run_dir, variant):
+            print(f"# {variant.name}: done (eval/rows_{variant.name}.parquet exists)")
+            continue
+        print(f"# {variant.name}: {variant.lever}", flush=True)
+        if args.dry_run:
+            print("\n".join(shlex.join(c) for c in commands(variant, args.preset, run_dir.root)))
+            continue
+        try:
+            run_variant(run_dir, variant, args.preset, seconds)
+        except subprocess.CalledProcessError as err:  # the stage printed why; the other variants still run
+            print(f"# {variant.name}: failed ({shlex.join(err.cmd)} exited {err.returncode})", flush=True)
+            failed.append(variant.name)
+    if args.dry_run:
+        return 0
+    results = collect(run_dir, chosen, args.preset, seconds)
+    write_results(results, Path(args.out) if args.out else RESULTS / f"rerank_ablation_{Path(args.run_dir).name}")
+    print(markdown(results))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
