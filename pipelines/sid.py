@@ -26,6 +26,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipelines.common import already_done, exit_on_user_error, init_ray, local_cpus, parse_cli
+from pipelines.lineage import stage_inputs
 from rec.config import ConfigError, Section, StageConfig, config_fingerprint
 from rec.io import RunDir
 from rec.sid import QUANTIZERS, disambiguate, render_sid, sid_report
@@ -222,7 +223,8 @@ def write_embeddings(run_dir: RunDir, key: dict[str, str], item_ids: np.ndarray,
 
 def run(cfg: SidConfig) -> dict:
     run_dir = RunDir.open(cfg.run_dir)
-    fingerprint = config_fingerprint(cfg, exclude={"run_dir", "overwrite", "num_cpus"})
+    fingerprint = config_fingerprint(cfg, exclude={"run_dir", "overwrite", "num_cpus"}) | {
+        "inputs": stage_inputs(run_dir, "sid")}
     if already_done(run_dir, ("sid", "report.json"), fingerprint, cfg.overwrite, "sid"):
         return run_dir.read_json("sid", "report.json")
     items = run_dir.read_parquet("data", "items.parquet")

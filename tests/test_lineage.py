@@ -69,3 +69,26 @@ def test_midtrain_refuses_sids_of_another_catalogue(tmp_path):
     with pytest.raises(DataError, match=rf"no SID for 2 of the {len(items)} items .* \(e.g. item {first}, {second}\): "
                                         r"it was written for another catalogue; rerun sid with overwrite=true"):
         check_every_item_has_a_sid(run_dir, items, sorted(items)[2:])
+
+
+def test_sid_after_a_re_prepare_with_another_catalogue_says_what_to_rerun(tmp_path):
+    """The reported bug: `prepare overwrite=true` with another catalogue, then sid said "already written with this
+    config" and kept the old SIDs. Now sid refuses, naming the file and what to rerun; overwrite=true redoes it."""
+    from catalogue_fixture import write_catalogue
+
+    from pipelines.sid import SidConfig
+    from pipelines.sid import run as run_sid
+
+    run = tmp_path / "run"
+    run_prepare(PrepareConfig(run_dir=str(run), dataset_dir=str(write_catalogue(tmp_path / "one", seed=0))))
+    cfg = SidConfig(run_dir=str(run), levels=2, codebook_size=16, num_cpus=3,
+                    embed={"batch_size": 16, "actors": 1, "cpus_per_actor": 1})
+    first = run_sid(cfg)
+    assert run_sid(cfg) == first  # same config, same items: skipped
+    other = write_catalogue(tmp_path / "two", items=50, users=30, seed=1)
+    run_prepare(PrepareConfig(run_dir=str(run), dataset_dir=str(other), overwrite=True))
+    with pytest.raises(StageOutputsMismatch) as err:
+        run_sid(cfg)
+    assert "data/items.parquet changed (written by prepare)" in str(err.value)
+    assert "Rerun sid with overwrite=true, and after it midtrain, prerank" in str(err.value)
+    assert run_sid(cfg.model_copy(update={"overwrite": True}))["items"] == 50
