@@ -156,10 +156,12 @@ class PrerankBatch:
         })
 
 
-def split_fingerprints(cfg: PrerankConfig, model: str) -> dict[str, dict[str, Any]]:
+def split_fingerprints(cfg: PrerankConfig, model: str, run_dir: RunDir) -> dict[str, dict[str, Any]]:
+    """Per split: the config (but the split's slice of users), the model and the digests of the files read."""
     common = config_fingerprint(cfg, exclude=PrerankConfig.RESOURCE_FIELDS | {"max_users"})
     common["engine"].pop("kv_cache_memory_bytes", None)
     common["model_digest"] = model_digest(model)
+    common["inputs"] = stage_inputs(run_dir, "prerank")
     return {split: {**common, "max_users": getattr(cfg.max_users, split)} for split in SPLITS}
 
 
@@ -284,10 +286,7 @@ def run(cfg: PrerankConfig) -> dict[str, Any]:
     model = cfg.model or run_dir.local_path("models", "midtrain")
     if not pafs.LocalFileSystem().get_file_info(f"{model}/config.json").is_file:
         raise FileNotFoundError(f"no model at {model} (config.json missing); run the midtrain stage first")
-    fingerprints = split_fingerprints(cfg, model)
-    inputs = stage_inputs(run_dir, "prerank")
-    for fingerprint in fingerprints.values():
-        fingerprint["inputs"] = inputs
+    fingerprints = split_fingerprints(cfg, model, run_dir)
     rows = build_rows(*(run_dir.read_parquet("data", f"{s}.parquet") for s in SPLITS), cfg)
     todo = splits_to_do(run_dir, fingerprints, cfg.overwrite)
     if cfg.overwrite and run_dir.exists("candidates", "_parts"):

@@ -72,7 +72,7 @@ def test_resume_from_parts_then_skip_then_refuse_another_config(prerank_run_dir)
     """Results already in candidates/_parts are not recomputed (here: all of them, so no engine is needed)."""
     run_dir = prerank_run_dir
     cfg = _config(run_dir.root, "max_users.train=3", "max_users.valid=2", "max_users.test=4")
-    fingerprints = split_fingerprints(cfg, run_dir.local_path("models", "midtrain"))
+    fingerprints = split_fingerprints(cfg, run_dir.local_path("models", "midtrain"), run_dir)
     rows = build_rows(*(run_dir.read_parquet("data", f"{s}.parquet") for s in ("train", "valid", "test")), cfg)
     for split, table in rows.items():
         ids = table.column("row_id").to_pylist()
@@ -97,7 +97,7 @@ def test_vllm_actor_pool_end_to_end_matches_hf(prerank_run_dir):
     run_dir = prerank_run_dir
     cfg = _config(run_dir.root, "backend=vllm", "max_users.train=8", "max_users.valid=4", "max_users.test=12",
                   "batch_size=8", "flush_rows=8", "num_cpus=3")
-    fingerprints = split_fingerprints(cfg, run_dir.local_path("models", "midtrain"))
+    fingerprints = split_fingerprints(cfg, run_dir.local_path("models", "midtrain"), run_dir)
     # rows 0-1 of the test split were finished by an earlier, interrupted run
     _parts(run_dir, "test", fingerprints["test"]).write(_fake_part("test", [0, 1], [[-7], [-8]]))
     try:
