@@ -1,9 +1,12 @@
 """Load benchmark of the two-stage Serve app: closed-loop clients on 127.0.0.1, latency percentiles and requests/s.
 
-For batching on (the config's max_batch_size) and off (max_batch_size 1 in both model deployments), for ranker-only
-(`rerank: false`) and two-stage requests, at each concurrency: `--requests` requests (bounded by `--time-limit`
-seconds per cell), every client sending its next request when the last one returned. Histories are the test users'
-histories of the run dir. Prints a table and writes bench/results/serve_load.{json,md}.
+For batching on (the config's max_batch_size) and off (max_batch_size 1 in both model deployments: the Ranker's
+`@serve.batch` and the ReRanker engine's max_num_seqs), for ranker-only (`rerank: false`) and two-stage requests, at
+each concurrency: `--requests` requests (bounded by `--time-limit` seconds per cell), every client sending its next
+request when the last one returned. Then, batched and with the budget, two-stage requests whose answers may be long
+(`--long-explanation-tokens`, mode `two-stage-long`): where the tails are. Histories are the test users' histories of
+the run dir. Prints a table and writes bench/results/serve_load.{json,md}, with the other heavy processes seen on the
+machine at the start and the end.
 
     python bench/serve_load.py --config serving/configs/tiny.yaml [--run-dir runs/tiny] [--requests 96]
 
@@ -325,7 +328,9 @@ def markdown(results: dict) -> str:
              f"Command: `{results['command']}`", "",
              f"{results['requests']} requests per cell (at most {results['time_limit_s']} s); closed-loop clients on "
              "127.0.0.1 (on the same cores as the app). Budget 60000 ms: every request is served (throughput); "
-             f"budget {results['budget_ms']} ms: late re-rankings fall back to the pre-rank list.", "",
+             f"budget {results['budget_ms']} ms: late re-rankings fall back to the pre-rank list. `two-stage-long`: "
+             f"answers with up to {results['long_explanation_tokens']} explanation tokens (the config's: "
+             f"{results['explanation_tokens']}).", "",
              "| batching | mode | budget ms | clients | req/s | p50 ms | p95 ms | p99 ms | outcomes |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for cell in results["cells"]:
@@ -335,6 +340,8 @@ def markdown(results: dict) -> str:
                      f"{cell['p50_ms']} | {cell['p95_ms']} | {cell['p99_ms']} | {outcomes} |")
     lines += ["", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in results["figures"].items()]
+    others = results["other_runs_seen"]
+    lines += ["", "Other runs on the machine at the start or end: " + ("; ".join(f"`{o}`" for o in others) or "none")]
     return "\n".join(lines) + "\n"
 
 
@@ -346,6 +353,8 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per cell at most")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--budget-ms", type=int, default=None, help="request budget (default: the config's)")
+    parser.add_argument("--long-explanation-tokens", type=int, default=192,
+                        help="the two-stage-long cells' reranker.sampling.max_explanation_tokens")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", default=str(RESULTS / "serve_load"))
     parser.add_argument("--faults", action="store_true", help="kill the Ranker, then the ReRanker replica under load")
@@ -378,6 +387,7 @@ def main() -> None:
     unlimited = base.ingress.max_budget_ms  # throughput cells: every request is served, none falls back
     cells = []
     url = None
+    others = other_heavy_runs()
 
     def measure(batching, sizes, mode, rerank, clients, budget_ms):
         cell = closed_loop(url, histories, rerank, clients, args.requests, args.time_limit, budget_ms)
@@ -387,13 +397,20 @@ def main() -> None:
               f"{cell['requests_per_s']:6.2f} req/s, p50 {cell['p50_ms']:7.1f} ms, p95 {cell['p95_ms']:7.1f} ms, "
               f"p99 {cell['p99_ms']:7.1f} ms, {cell['outcomes']}", flush=True)
 
-    for batching, sizes in (("on", batched), ("off", (1, 1))):
-        batch_overrides = [*overrides, f"ranker.max_batch_size={sizes[0]}", f"reranker.max_batch_size={sizes[1]}"]
+    long_answers = [f"reranker.sampling.max_explanation_tokens={args.long_explanation_tokens}"]
+    for batching, sizes, extra in (("on", batched, []), ("off", (1, 1), []), ("on", batched, long_answers)):
+        batch_overrides = [*overrides, f"ranker.max_batch_size={sizes[0]}", f"reranker.max_batch_size={sizes[1]}",
+                           *extra]
         if url is None:
             _, url = start(args.config, batch_overrides, "127.0.0.1", args.port)
         else:
             cfg = load_serve_config(args.config, batch_overrides)
             serve.run(build_app(cfg.model_dump(mode="json")), name="gr2", route_prefix="/")
+        if extra:  # long answers, with the budget: the tails
+            closed_loop(url, histories, True, 2, 4, 30, unlimited)  # warm-up
+            for clients in args.concurrency:
+                measure(batching, sizes, "two-stage-long", True, clients, budget)
+            continue
         for mode, rerank in (("ranker-only", False), ("two-stage", True)):
             closed_loop(url, histories, rerank, 2, 4, 30, unlimited)  # warm-up
             for clients in args.concurrency:
@@ -402,6 +419,7 @@ def main() -> None:
             for clients in args.concurrency:
                 measure(batching, sizes, "two-stage", True, clients, budget)
     serve.shutdown()
+    others += [line for line in other_heavy_runs() if line not in others]
 
     def cell(batching, mode, clients, budget_ms=unlimited):
         return next(c for c in cells if (c["batching"], c["mode"], c["clients"], c["budget_ms"])
@@ -417,9 +435,14 @@ def main() -> None:
         figures[f"two-stage p99 / ranker-only p99 at {clients} clients (batched, budget {budget} ms)"] = round(
             two["p99_ms"] / one["p99_ms"], 2)
         figures[f"two-stage p99 / budget at {clients} clients (batched)"] = round(two["p99_ms"] / budget, 3)
+    for clients in args.concurrency:
+        figures[f"two-stage-long p99 / budget at {clients} clients (batched)"] = round(
+            cell("on", "two-stage-long", clients, budget)["p99_ms"] / budget, 3)
     import os
     results = {"config": args.config, "run_dir": base.resolved_run_dir(), "models": models, "budget_ms": budget,
                "requests": args.requests, "time_limit_s": args.time_limit,
+               "explanation_tokens": base.reranker.sampling.max_explanation_tokens,
+               "long_explanation_tokens": args.long_explanation_tokens, "other_runs_seen": others,
                "machine": f"{os.cpu_count()} CPUs, no GPU" if not _has_gpu() else "GPU",
                "command": "python " + " ".join(sys.argv), "cells": cells, "figures": figures}
     out = Path(args.out)

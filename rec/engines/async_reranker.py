@@ -68,10 +68,11 @@ def start_async_llm(model: str, max_model_len: int, kv_cache_memory_bytes: int |
                     cpu_cores: str | None = None, stat_loggers: list | None = None, **engine_args: Any):
     """A `vllm.v1.engine.async_llm.AsyncLLM` for `model`, from the arguments `rec.engines.vllm_runtime.start_llm`
     takes (what `pipelines.common.engine_start_args` builds from an engine section) and with the same environment:
-    `cpu_cores` binds the engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND, read by the engine process, which
-    inherits it), custom logits processors run on Model Runner V1, the prefix cache is on and the engine eager by
-    default; there is no in-process choice (the engine core is always a child process). The engine's output handler
-    runs on the event loop that is running when it starts, else on the loop of its first request."""
+    `cpu_cores` binds the engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND, inherited by the engine's processes:
+    on CPU vLLM runs the model in a worker process of the engine core, its multi-process executor, which is where
+    vLLM 0.32 applies the binding), custom logits processors run on Model Runner V1, the prefix cache is on and the
+    engine eager by default; there is no in-process choice (the engine core is always a child process). The engine's
+    output handler runs on the event loop that is running when it starts, else on the loop of its first request."""
     if cpu_cores is not None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
     if engine_args.get("logits_processors"):
