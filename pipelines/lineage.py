@@ -39,6 +39,7 @@ READS: dict[str, tuple[str, ...]] = {
 """Run-directory files each stage reads, besides the ones that depend on its config (an SFT stage's traces file,
 an evaluation's split, the models: those are added by the stage)."""
 
+
 def later_stages(stage: str) -> tuple[str, ...]:
     """The stages after `stage`: each reads, directly or through another stage, what the ones before it wrote."""
     return STAGES[STAGES.index(stage) + 1:] if stage in STAGES else ()

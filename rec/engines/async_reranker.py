@@ -15,7 +15,6 @@ there, so it is set before the engine starts (`start_async_llm`). vLLM is import
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,18 +72,12 @@ def start_async_llm(model: str, max_model_len: int, kv_cache_memory_bytes: int |
     vLLM 0.32 applies the binding), custom logits processors run on Model Runner V1, the prefix cache is on and the
     engine eager by default; there is no in-process choice (the engine core is always a child process). The engine's
     output handler runs on the event loop that is running when it starts, else on the loop of its first request."""
-    if cpu_cores is not None:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
-    if engine_args.get("logits_processors"):
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # as start_llm: the processors use the V1 interface
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # an earlier in-process engine of this process set it to 0
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    if kv_cache_memory_bytes is not None:
-        engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-    engine_args.setdefault("enforce_eager", True)
-    engine_args.setdefault("enable_prefix_caching", True)
+    from rec.engines.vllm_runtime import engine_setup
+
+    engine_args = engine_setup(engine_args, kv_cache_memory_bytes, cpu_cores, in_process=False)
     # vLLM's periodic stat log off; stat_loggers (e.g. an EngineLoad's) still get every step's stats
     engine_args.setdefault("disable_log_stats", True)
     args = AsyncEngineArgs(model=model, dtype=dtype, max_model_len=max_model_len, **engine_args)

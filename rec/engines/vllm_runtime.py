@@ -11,6 +11,27 @@ from __future__ import annotations
 import os
 from typing import Any
 
+
+def engine_setup(engine_args: dict[str, Any], kv_cache_memory_bytes: int | None, cpu_cores: str | None,
+                 in_process: bool) -> dict[str, Any]:
+    """Set what vLLM reads from the environment when an engine starts, and this project's engine defaults (eager,
+    prefix cache, the KV cache size); returns `engine_args` with them. Shared by `start_llm` and
+    `rec.engines.async_reranker.start_async_llm` (whose engine is never in process)."""
+    if cpu_cores is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
+    if engine_args.get("logits_processors"):
+        # Custom processors here use the V1 interface (`vllm.v1.sample.logits_processor`); GPU builds default to
+        # Model Runner V2, which has its own. The CPU runner is V1 either way.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # Set both ways: the variable is process-wide, and an earlier in-process engine of this process set it to 0.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    if kv_cache_memory_bytes is not None:
+        engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    engine_args.setdefault("enforce_eager", True)
+    engine_args.setdefault("enable_prefix_caching", True)
+    return engine_args
+
+
 def start_llm(
     model: str,
     max_model_len: int,
@@ -27,22 +48,11 @@ def start_llm(
     ~2 s start instead of ~20 s on CPU); `in_process=False` is vLLM's multi-process engine, what GPUs run. Both are
     environment settings vLLM reads when the engine starts.
     """
-    if cpu_cores is not None:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
-    if engine_args.get("logits_processors"):
-        # Custom processors here use the V1 interface (`vllm.v1.sample.logits_processor`); GPU builds default to
-        # Model Runner V2, which has its own. The CPU runner is V1 either way.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    # Set both ways: the variable is process-wide, and an earlier in-process engine of this process set it to 0.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    engine_args = engine_setup(engine_args, kv_cache_memory_bytes, cpu_cores, in_process)
     if in_process:
         engine_args.setdefault("distributed_executor_backend", "uni")
     from vllm import LLM
 
-    if kv_cache_memory_bytes is not None:
-        engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-    engine_args.setdefault("enforce_eager", True)
-    engine_args.setdefault("enable_prefix_caching", True)
     return LLM(model=model, dtype=dtype, max_model_len=max_model_len, **engine_args)
 
 
