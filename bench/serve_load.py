@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import other_heavy_runs  # noqa: E402
 from pipelines.common import REPO_ROOT, setup_env, setup_logging  # noqa: E402
 from rec.io import RunDir  # noqa: E402
 
@@ -281,18 +282,6 @@ def faults_markdown(results: dict) -> str:
     others = results["other_runs_seen"]
     lines += ["", "Other runs on the machine at the start or end: " + ("; ".join(f"`{o}`" for o in others) or "none")]
     return "\n".join(lines) + "\n"
-
-
-def other_heavy_runs() -> list[str]:
-    """Benchmarks, test runs and pipeline stages of others on this machine (they share its cores and skew the
-    figures)."""
-    import os
-    import subprocess
-
-    found = subprocess.run(["pgrep", "-af", "bench/|pytest|-m pipelines[.]"], capture_output=True, text=True,
-                           check=False)
-    found = found.stdout.splitlines()
-    return [line for line in found if int(line.split()[0]) not in (os.getpid(), os.getppid())]
 
 
 def faults_main(args, overrides: list[str], models: str) -> None:

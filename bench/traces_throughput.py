@@ -30,6 +30,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from machine import other_heavy_runs  # noqa: E402
+
 from pipelines.common import setup_env, setup_logging  # noqa: E402
 from pipelines.traces import TracesConfig  # noqa: E402
 from rec.config import load_config  # noqa: E402
@@ -89,7 +91,9 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/tiny", help="run directory with candidates/ and models/midtrain")
     parser.add_argument("--config", default=str(REPO_ROOT / "pipelines" / "configs" / "tiny" / "traces.yaml"))
     parser.add_argument("--rows", type=int, default=128, help="rows for each pipeline run")
-    parser.add_argument("--hf-rows", type=int, default=16, help="rows for the HF loop (the first of those rows)")
+    parser.add_argument("--hf-rows", type=int, default=16,
+                        help="rows for the HF loop (the first of those rows); 0 leaves the HF loop out")
+    parser.add_argument("--no-naive", action="store_true", help="leave out the naive (n = 1) pipeline run")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "traces_throughput.json"))
     args = parser.parse_args()
     setup_env()
@@ -101,45 +105,65 @@ def main() -> None:
     cfg = load_config(TracesConfig, config, [f"run_dir={source}"])
     n = cfg.samples_per_round
     common = ["mode=reject", f"max_rows={args.rows}"]
+    busy = other_heavy_runs()
     with tempfile.TemporaryDirectory(prefix="gr2-bench-traces-", dir=REPO_ROOT / "runs") as tmp:
         root = Path(tmp)
-        nway = pipeline(config, scratch_run_dir(source, root, "nway"), common)
-        naive = pipeline(config, scratch_run_dir(source, root, "naive"), [*common, "samples_per_round=1"])
-        hf = hf_loop(config, scratch_run_dir(source, root, "hf"), ["mode=reject"], args.hf_rows,
-                     cores=len(os.sched_getaffinity(0)))
+        static = pipeline(config, scratch_run_dir(source, root, "static"), [*common, "continuous=false"])
+        continuous = pipeline(config, scratch_run_dir(source, root, "continuous"), [*common, "continuous=true"])
+        naive = (None if args.no_naive else
+                 pipeline(config, scratch_run_dir(source, root, "naive"), [*common, "samples_per_round=1"]))
+        hf = (hf_loop(config, scratch_run_dir(source, root, "hf"), ["mode=reject"], args.hf_rows,
+                      cores=len(os.sched_getaffinity(0))) if args.hf_rows else None)
         shutil.rmtree(root, ignore_errors=True)
-    cost_nway, cost_naive = per_accepted(nway), per_accepted(naive)
+    busy += other_heavy_runs()
+    cost = {"static": per_accepted(static), "continuous": per_accepted(continuous)}
+    if naive is not None:
+        cost["naive"] = per_accepted(naive)
     result = {
         "run_dir": str(source), "config": str(config), "rows": args.rows, "hf_rows": args.hf_rows,
         "samples_per_round": n, "max_attempts": cfg.max_attempts, "actors": cfg.actors,
-        "pipeline_nway": nway, "pipeline_naive": naive, "hf_loop": hf,
-        "speedup_rows_per_second": nway["rows_per_second"] / hf["rows_per_second"],
-        "tokens_per_accepted": {"nway": cost_nway, "naive": cost_naive},
-        "ratio_nway_vs_naive": {k: cost_nway[k] / cost_naive[k] for k in cost_nway},
+        "batch_size": cfg.batch_size, "concurrent_batches": cfg.concurrent_batches,
+        "rows_per_s_static": static["rows_per_second"], "rows_per_s_continuous": continuous["rows_per_second"],
+        "speedup_continuous_vs_static": continuous["rows_per_second"] / static["rows_per_second"],
+        "acceptance_static": static["acceptance_rate"], "acceptance_continuous": continuous["acceptance_rate"],
+        "generated_tokens_per_accepted_static": cost["static"]["generated"],
+        "generated_tokens_per_accepted_continuous": cost["continuous"]["generated"],
+        "pipeline_nway": static, "pipeline_continuous": continuous, "pipeline_naive": naive, "hf_loop": hf,
+        "speedup_rows_per_second": static["rows_per_second"] / hf["rows_per_second"] if hf else None,
+        "tokens_per_accepted": {"nway": cost["static"], **{k: v for k, v in cost.items() if k != "static"}},
+        "ratio_nway_vs_naive": ({k: cost["static"][k] / cost["naive"][k] for k in cost["static"]}
+                                if naive is not None else None),
+        "other_runs_seen": sorted(set(busy)),
     }
     lines = [
-        f"Reject sampling, tiny preset teacher, {args.rows} rows per pipeline run, {args.hf_rows} rows for the HF loop "
-        f"(n = {n} per round, max_attempts = {cfg.max_attempts}).",
+        f"Reject sampling, teacher of `{source.name}`, {args.rows} rows per pipeline run"
+        + (f", {args.hf_rows} rows for the HF loop" if hf else "")
+        + f" (n = {n} per round, max_attempts = {cfg.max_attempts}, {cfg.actors} actor(s), batch {cfg.batch_size}, "
+        f"{cfg.concurrent_batches} batches in flight when continuous).",
         "",
         "| run | rows | rows/s | acceptance | attempts mean | generated tok / accepted | prompt tok / accepted "
         "| total tok / accepted |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, stats, cost in (("Ray Data + vLLM, n-way", nway, cost_nway),
-                              ("Ray Data + vLLM, naive (n = 1)", naive, cost_naive)):
+    runs = [("Ray Data + vLLM, n-way, static batches", static, cost["static"]),
+            ("Ray Data + vLLM, n-way, continuous (AsyncLLM)", continuous, cost["continuous"])]
+    if naive is not None:
+        runs.append(("Ray Data + vLLM, naive (n = 1)", naive, cost["naive"]))
+    for name, stats, c in runs:
         lines.append(f"| {name} | {stats['rows']} | {stats['rows_per_second']:.2f} | {stats['acceptance_rate']:.3f} | "
-                     f"{stats['attempts_mean']:.2f} | {cost['generated']:.0f} | {cost['prompt']:.0f} | "
-                     f"{cost['total']:.0f} |")
-    lines.append(f"| HF generate loop, n-way | {hf['rows']} | {hf['rows_per_second']:.2f} | "
-                 f"{hf['acceptance_rate']:.3f} | | {hf['generated_tokens_per_accepted']:.0f} | | |")
-    ratio = result["ratio_nway_vs_naive"]
-    lines += [
-        "",
-        f"Pipeline vs HF loop: {result['speedup_rows_per_second']:.1f}x rows/s (pipeline time includes Ray and engine "
-        "start-up).",
-        f"n-way vs naive, per accepted trace: generated tokens {ratio['generated']:.2f}x, prompt tokens "
-        f"{ratio['prompt']:.2f}x, total {ratio['total']:.2f}x.",
-    ]
+                     f"{stats['attempts_mean']:.2f} | {c['generated']:.0f} | {c['prompt']:.0f} | {c['total']:.0f} |")
+    if hf:
+        lines.append(f"| HF generate loop, n-way | {hf['rows']} | {hf['rows_per_second']:.2f} | "
+                     f"{hf['acceptance_rate']:.3f} | | {hf['generated_tokens_per_accepted']:.0f} | | |")
+    lines += ["", f"Continuous vs static batches: {result['speedup_continuous_vs_static']:.2f}x rows/s (each run's "
+              "time includes Ray and engine start-up)."]
+    if hf:
+        lines.append(f"Pipeline (static) vs HF loop: {result['speedup_rows_per_second']:.1f}x rows/s.")
+    if naive is not None:
+        ratio = result["ratio_nway_vs_naive"]
+        lines.append(f"n-way vs naive, per accepted trace: generated tokens {ratio['generated']:.2f}x, prompt tokens "
+                     f"{ratio['prompt']:.2f}x, total {ratio['total']:.2f}x.")
+    lines.append("Other runs seen on the machine: " + (", ".join(result["other_runs_seen"]) or "none") + ".")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

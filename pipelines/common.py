@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -221,6 +222,22 @@ class EngineActorsConfig(StageConfig):
     """Fields that decide how fast, not what: they may change between a run and its resumption."""
 
 
+class StreamingActorsConfig(EngineActorsConfig):
+    """A pool stage whose actors answer re-rank prompts (traces, evaluate): static or continuous batching."""
+
+    continuous: bool = True
+    """Each actor runs vLLM's async engine (`AsyncLLM`) and keeps `concurrent_batches` of its batches in flight,
+    every prompt an engine request of its own: a request joins the running batch when it is sent and leaves it when
+    its answer ends (continuous batching), so one batch's long answers do not leave the engine half empty, and a
+    row's next round is sent as soon as its previous samples are back. false: one blocking `LLM.generate` per
+    batch and round (the static path, kept for comparison: `bench/traces_throughput.py`)."""
+    concurrent_batches: int = Field(default=2, ge=1)
+    """Continuous only: batches one actor works on at once (Ray Data's `max_concurrency` of an async actor), so
+    that the engine has work while a batch's last rows finish; rows in flight per engine = this x batch_size."""
+
+    RESOURCE_FIELDS: ClassVar[set[str]] = EngineActorsConfig.RESOURCE_FIELDS | {"continuous", "concurrent_batches"}
+
+
 def engine_start_args(engine: EngineSection, cpus: float, gpus: float, bind_cores: bool = True,
                       **engine_args: Any) -> tuple[dict[str, Any], str | None, Any]:
     """The engine arguments of one Ray actor (a pool actor or a Serve replica), as `start_llm` and `start_async_llm`
@@ -339,10 +356,19 @@ def stream_actor_pool(cfg: EngineActorsConfig, rows: pa.Table, actor_cls: type, 
 
     init_ray(local_cpus(cfg.num_cpus, cfg.actors * cfg.cpus_per_actor, "the vLLM actors"))
     blocks = [rows.slice(start, cfg.batch_size) for start in range(0, rows.num_rows, cfg.batch_size)]
+    concurrency: dict[str, Any] = {}
+    compute = ActorPoolStrategy(size=cfg.actors)
+    if inspect.iscoroutinefunction(actor_cls.__call__):
+        # an async actor: Ray Data runs its calls on one event loop, `concurrent_batches` at a time, and keeps as
+        # many more queued on the actor so that a finished batch is replaced at once
+        batches = getattr(cfg, "concurrent_batches", 1)
+        concurrency = {"max_concurrency": batches}
+        compute = ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=2 * batches)
     results = ray.data.from_arrow(blocks).map_batches(
         actor_cls,
         fn_constructor_kwargs=ctor_kwargs,
-        compute=ActorPoolStrategy(size=cfg.actors),
+        compute=compute,
+        **concurrency,
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
         batch_size=cfg.batch_size,

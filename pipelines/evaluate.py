@@ -8,7 +8,10 @@ checkpoint; checkpoints run one after another, each on its own Ray Data actor po
 one implementation in rec/ (`PromptBuilder` -> `RerankGenerator` -> `parse_answer` -> `final_ranking`): an answer
 that is not a permutation of the candidates falls back to the pre-rank order and is counted as invalid. A model entry
 with `self_consistency: {orders: K}` re-ranks K orders of each list (the incoming one and K - 1 seeded shuffles) and
-aggregates the answers by Borda count (rec.consistency).
+aggregates the answers by Borda count (rec.consistency). With `continuous: true` (the default) each actor runs vLLM's
+async engine (`RerankStream`): every list is an engine request of its own and joins the running batch, with the lists
+of the actor's other batches in flight (`concurrent_batches`), so a batch's longest answer does not hold the engine;
+`continuous: false` is one blocking `LLM.generate` per batch (`RerankBatch`). Greedy answers are the same either way.
 
 Writes `<run_dir>/eval/rows_<model>.parquet` (row_id, user_id, history, target, candidates, target_inserted, ranking,
 valid, reason, generated_tokens, completion; the config in its Parquet metadata), `eval/metrics.json` (model ->
@@ -40,8 +43,8 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from pipelines.common import (
-    EngineActorsConfig,
     Parts,
+    StreamingActorsConfig,
     config_mismatch,
     exit_on_user_error,
     model_digest,
@@ -111,7 +114,7 @@ class ModelEntry(Section):
         return entry
 
 
-class EvaluateConfig(EngineActorsConfig):
+class EvaluateConfig(StreamingActorsConfig):
     models: list[ModelEntry] = Field(min_length=1)
     """Models to compare, in table order; each checkpoint runs on its own actor pool, one after another."""
     model_root: str | None = None
@@ -207,12 +210,33 @@ def rerank_rows(reranker, batch: pa.Table, consistency: SelfConsistencySection |
     invalid only when every answer is (reason: the first answer's), `generated_tokens` sums the K answers and
     `completion` holds them as a JSON list."""
     consistency = consistency or SelfConsistencySection()
+    histories, shown = rerank_inputs(batch, consistency, seed)
+    return rows_result(batch, reranker.rerank(histories, shown), consistency)
+
+
+async def rerank_rows_async(reranker, batch: pa.Table, consistency: SelfConsistencySection | None = None,
+                            seed: int = 0) -> pa.Table:
+    """`rerank_rows` on an `rec.engines.async_reranker.AsyncReranker`: every list (every order of it) is an engine
+    request of its own, all in the engine's running batch together."""
+    consistency = consistency or SelfConsistencySection()
+    histories, shown = rerank_inputs(batch, consistency, seed)
+    return rows_result(batch, await reranker.rerank_many(histories, shown), consistency)
+
+
+def rerank_inputs(batch: pa.Table, consistency: SelfConsistencySection, seed: int
+                  ) -> tuple[list[list[int]], list[list[int]]]:
+    """(histories, candidate lists as shown) of a batch: each row's list in `consistency.orders` orders."""
     k = consistency.orders
-    lists = batch.column("candidates").to_pylist()
-    shown = [order for items, row_id in zip(lists, batch.column("row_id").to_pylist())
+    shown = [order for items, row_id in zip(batch.column("candidates").to_pylist(), batch.column("row_id").to_pylist())
              for order in candidate_orders(items, k, seed, row_id)]
     histories = [history for history in batch.column("history").to_pylist() for _ in range(k)]
-    results = reranker.rerank(histories, shown)
+    return histories, shown
+
+
+def rows_result(batch: pa.Table, results: list, consistency: SelfConsistencySection) -> pa.Table:
+    """The batch's result rows from its answers (`rerank_inputs` order)."""
+    k = consistency.orders
+    lists = batch.column("candidates").to_pylist()
     rankings, reasons, tokens, completions = [], [], [], []
     for row, items in enumerate(lists):
         answers = results[row * k:(row + 1) * k]
@@ -248,6 +272,28 @@ class RerankBatch:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return rerank_rows(self.reranker, batch, self.consistency, self.seed)
+
+
+class RerankStream:
+    """Ray Data actor, continuous batching: candidate rows -> one model's final rankings on vLLM's async engine, every
+    list an engine request of its own, in the running batch with the lists of this actor's other batches in flight
+    (`concurrent_batches`)."""
+
+    def __init__(self, run_dir: str, model: str, prompt: dict[str, Any], eos_token: str, cfg: dict[str, Any],
+                 consistency: dict[str, Any] | None = None):
+        from pipelines.common import setup_logging, start_async_reranker
+
+        setup_logging()
+        cfg = EvaluateConfig.model_validate(cfg)
+        self.seed = cfg.seed
+        self.consistency = SelfConsistencySection.model_validate(consistency or {})
+        self.reranker, bound, self._core_lock = start_async_reranker(
+            RunDir.open(run_dir), model, RerankPromptSection.model_validate(prompt), eos_token, cfg.sampling,
+            cfg.engine, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.bind_cores, seed=cfg.seed)
+        log.info("evaluate actor (continuous): %s on cores %s", model, bound or "-")
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        return await rerank_rows_async(self.reranker, batch, self.consistency, self.seed)
 
 
 def prerank_results(rows: pa.Table) -> pa.Table:
@@ -291,7 +337,7 @@ def generate(cfg: EvaluateConfig, entry: ModelEntry, model: str, prompt: RerankP
     """Re-rank `pending` rows with one model on its own actor pool, flushing results to `parts`."""
     name = entry.name
     started, done, invalid, buffered = time.perf_counter(), 0, 0, []
-    batches = stream_actor_pool(cfg, pending, RerankBatch, {
+    batches = stream_actor_pool(cfg, pending, RerankStream if cfg.continuous else RerankBatch, {
         "run_dir": cfg.run_dir, "model": model, "prompt": prompt.model_dump(mode="json"), "eos_token": eos,
         "cfg": cfg.model_dump(mode="json"), "consistency": entry.self_consistency.model_dump(mode="json")})
     for batch in batches:

@@ -6,10 +6,21 @@ training lists that hold their target (`insert_missing_target` puts it into the 
 such rows are marked). The teacher is a vLLM engine in each actor of a Ray Data actor pool (CPU actors bound to
 cores of their own; GPU actors with tensor parallelism from `engine.extra`).
 
+Batching (`continuous`, default true): each actor runs vLLM's async engine (`TeacherStream`, an async Ray Data
+actor with `concurrent_batches` batches in flight); every row runs its own rounds, and its next round is sent the
+moment its previous samples are back, into the engine's running batch, so neither a batch's longest answer nor the
+shrinking later rounds leave the engine idle. `continuous=false` is the static path (`TeacherBatch`: one blocking
+`LLM.generate` per batch and round), kept for comparison (`bench/traces_throughput.py`). Why async actors in Ray
+Data and not `ray.data.llm`'s processor: a reject round is `n` samples of one prompt whose acceptance decides
+whether the row needs another round, i.e. a per-row loop around the engine, while `ray.data.llm` maps one request
+per row to one answer (it returns only the first of `n` completions) and needs an explicit CPU placement group on
+CPU; the async actor keeps the ranking logits processor, the per-request constraint arguments and the same code on
+CPU and GPU (the engine core is a child process in both).
+
 - `mode=target`: one sample per row; the prompt also names the true next item (post-hoc rationale).
-- `mode=reject`: rounds; every unresolved row of an actor's batch gets `samples_per_round` samples in one request
-  (the prompt is computed once and shared), the first valid sample whose top-ranked item is the target is
-  accepted, the others go to the next round until `max_attempts` samples were spent.
+- `mode=reject`: rounds; every unresolved row gets `samples_per_round` samples in one request per round (the
+  prompt is computed once and shared), the first valid sample whose top-ranked item is the target is accepted,
+  the others go to the next round until `max_attempts` samples were spent.
 In both modes a row is accepted when its answer parses into a permutation of the candidates with the target
 first (rec.rerank.parse_answer); `sampling.constrained` decodes answers under rec.answer_constraint, so every
 sample parses and sampling only decides the order. An answer that does not parse is counted, never fatal.
@@ -42,8 +53,8 @@ import pyarrow.fs as pafs
 from pydantic import Field, model_validator
 
 from pipelines.common import (
-    EngineActorsConfig,
     Parts,
+    StreamingActorsConfig,
     config_mismatch,
     exit_on_user_error,
     model_digest,
@@ -79,12 +90,13 @@ class TeacherSection(Section):
     """Token that ends the teacher's turn (Qwen chat format)."""
 
 
-class TracesConfig(EngineActorsConfig):
+class TracesConfig(StreamingActorsConfig):
     mode: Literal["target", "reject"] = "reject"
     """target: one pass with the true item in the prompt; reject: sample until the teacher ranks it first."""
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     backend: Literal["vllm", "hf"] = "vllm"
-    """vLLM engines, or a plain loop over HF `generate` per row (the reference and the benchmark baseline)."""
+    """vLLM engines, or a plain loop over HF `generate` per row (the reference and the benchmark baseline; always
+    static, whatever `continuous` says)."""
     sampling: RerankSamplingSection = Field(default_factory=RerankSamplingSection)
     prompt: RerankPromptSection = Field(default_factory=RerankPromptSection)
     samples_per_round: int = Field(default=4, ge=1)
@@ -192,73 +204,56 @@ class RowState:
         self.completion, self.ranking, self.valid = text, ranking, True
 
 
-class TeacherBatch:
-    """Ray Data actor: candidate rows -> traces, all rounds of a batch inside one call; one engine per actor."""
+class Teacher:
+    """What both teacher actors do around their engine: rows -> prompts, samples -> accepted traces -> results."""
 
-    def __init__(self, run_dir: str, model: str, cfg: dict[str, Any]):
-        from transformers import AutoTokenizer
+    cfg: TracesConfig
 
+    def _setup(self, cfg: dict[str, Any]) -> None:
         from pipelines.common import setup_logging
-        from rec.engines.reranker import RANKING_PROCESSOR, RerankGenerator
-        from rec.rerank import PromptBuilder, eos_token_id
 
         setup_logging()
-        self.cfg = cfg = TracesConfig.model_validate(cfg)
+        self.cfg = TracesConfig.model_validate(cfg)
         self.run_id = uuid.uuid4().hex[:12]  # marks the rows this actor wrote (a resumed run keeps earlier ones)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        self.prompts = PromptBuilder.for_run(tokenizer, RunDir.open(run_dir), cfg.prompt)
-        eos_id = eos_token_id(tokenizer, cfg.teacher.eos_token, model)
-        if cfg.backend == "hf":
-            import torch
 
-            from rec.model import load_student
-
-            torch.manual_seed(cfg.seed)
-            torch.set_num_threads(max(1, round(cfg.cpus_per_actor)))
-            hf_model = load_student(model, dtype=getattr(torch, cfg.engine.dtype))[1].eval()
-            self.generator = RerankGenerator(tokenizer, eos_id, cfg.sampling, model=hf_model)
-            log.info("traces: HF teacher %s", model)
-            return
-        processors = [RANKING_PROCESSOR] if cfg.sampling.constrained else []
-        llm, bound, self._core_lock = start_actor_engine(cfg, model, logits_processors=processors, seed=cfg.seed)
-        self.generator = RerankGenerator(tokenizer, eos_id, cfg.sampling, llm=llm)
-        log.info("traces actor: teacher %s on cores %s", model, bound or "-")
-
-    def _row(self, row_id: int, history: list[int], candidates: list[int], target: int) -> RowState:
-        prompt, prompt_ids = self.prompts.prompt(history, candidates, target if self.cfg.mode == "target" else None)
-        return RowState(row_id, prompt, prompt_ids, self.prompts.candidate_sids(candidates), candidates,
-                        candidates.index(target), candidate_token_ids=self.prompts.candidate_token_ids(candidates))
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from rec.rerank import parse_answer
-
+    def _rows(self, batch: pa.Table) -> tuple[list[RowState], list[RowState]]:
+        """(every row of the batch, the rows to sample: a prompt + answer over the engine's length is counted as
+        `prompt_too_long` and never sent)."""
         columns = [batch.column(c).to_pylist() for c in ("row_id", "history", "candidates", "target")]
-        rows = [self._row(*values) for values in zip(*columns)]
-        limit = self.cfg.engine.max_model_len
+        rows = []
+        for row_id, history, candidates, target in zip(*columns):
+            prompt, prompt_ids = self.prompts.prompt(history, candidates,
+                                                     target if self.cfg.mode == "target" else None)
+            rows.append(RowState(row_id, prompt, prompt_ids, self.prompts.candidate_sids(candidates), candidates,
+                                 candidates.index(target),
+                                 candidate_token_ids=self.prompts.candidate_token_ids(candidates)))
         pending = []
         for row in rows:
-            if len(row.prompt_ids) + self.generator.max_tokens(row.candidate_token_ids) > limit:
-                row.reasons["prompt_too_long"] += 1  # counted, never sent
+            if len(row.prompt_ids) + self.decoding.max_tokens(row.candidate_token_ids) > self.cfg.engine.max_model_len:
+                row.reasons["prompt_too_long"] += 1
                 row.attempts = self.cfg.attempt_budget
             else:
                 pending.append(row)
-        round_number = 0
-        while pending:
-            round_number += 1
-            outputs = self.generator.generate(
-                [r.prompt_ids for r in pending], [r.candidate_token_ids for r in pending],
-                [self.cfg.samples_in_round(r.attempts) for r in pending],
-                first=[r.target_position if self.cfg.pin_target_first and self.cfg.mode == "target" else None
-                       for r in pending],
-            )
-            for row, samples in zip(pending, outputs):
-                row.rounds += 1
-                row.request_prompt_tokens += len(row.prompt_ids)
-                for text, generated in samples:
-                    row.attempts += 1
-                    row.generated_tokens += generated
-                    row.take(text, parse_answer(text, row.candidate_sids), round_number)
-            pending = [r for r in pending if not r.accepted_round and r.attempts < self.cfg.attempt_budget]
+        return rows, pending
+
+    def _request(self, row: RowState) -> dict[str, Any]:
+        """The engine request of `row`'s next round: its samples, and the pinned first candidate (target mode)."""
+        pin = self.cfg.pin_target_first and self.cfg.mode == "target"
+        return {"n": self.cfg.samples_in_round(row.attempts), "first": row.target_position if pin else None}
+
+    def _record(self, row: RowState, samples: list[tuple[str, int]], round_number: int) -> bool:
+        """Take one round's samples; True while the row needs another round."""
+        from rec.rerank import parse_answer
+
+        row.rounds += 1
+        row.request_prompt_tokens += len(row.prompt_ids)
+        for text, generated in samples:
+            row.attempts += 1
+            row.generated_tokens += generated
+            row.take(text, parse_answer(text, row.candidate_sids), round_number)
+        return not row.accepted_round and row.attempts < self.cfg.attempt_budget
+
+    def _result(self, rows: list[RowState]) -> pa.Table:
         return pa.table({
             "row_id": [r.row_id for r in rows], "prompt": [r.prompt for r in rows],
             "completion": [r.completion for r in rows], "ranking": [r.ranking for r in rows],
@@ -271,6 +266,81 @@ class TeacherBatch:
             "invalid_reasons": [json.dumps(dict(r.reasons), sort_keys=True) for r in rows],
             "run_id": [self.run_id] * len(rows),
         }, schema=RESULT_SCHEMA)
+
+
+class TeacherBatch(Teacher):
+    """Ray Data actor, static batching: candidate rows -> traces, all rounds of a batch inside one call, each round
+    one blocking `LLM.generate` over the batch's unresolved rows; one engine per actor (or HF `generate`)."""
+
+    def __init__(self, run_dir: str, model: str, cfg: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        from rec.engines.reranker import RANKING_PROCESSOR, RerankGenerator
+        from rec.rerank import PromptBuilder, eos_token_id
+
+        self._setup(cfg)
+        cfg = self.cfg
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        self.prompts = PromptBuilder.for_run(tokenizer, RunDir.open(run_dir), cfg.prompt)
+        eos_id = eos_token_id(tokenizer, cfg.teacher.eos_token, model)
+        if cfg.backend == "hf":
+            import torch
+
+            from rec.model import load_student
+
+            torch.manual_seed(cfg.seed)
+            torch.set_num_threads(max(1, round(cfg.cpus_per_actor)))
+            hf_model = load_student(model, dtype=getattr(torch, cfg.engine.dtype))[1].eval()
+            self.generator = self.decoding = RerankGenerator(tokenizer, eos_id, cfg.sampling, model=hf_model)
+            log.info("traces: HF teacher %s", model)
+            return
+        processors = [RANKING_PROCESSOR] if cfg.sampling.constrained else []
+        llm, bound, self._core_lock = start_actor_engine(cfg, model, logits_processors=processors, seed=cfg.seed)
+        self.generator = self.decoding = RerankGenerator(tokenizer, eos_id, cfg.sampling, llm=llm)
+        log.info("traces actor: teacher %s on cores %s", model, bound or "-")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows, pending = self._rows(batch)
+        round_number = 0
+        while pending:
+            round_number += 1
+            requests = [self._request(r) for r in pending]
+            outputs = self.generator.generate(
+                [r.prompt_ids for r in pending], [r.candidate_token_ids for r in pending],
+                [q["n"] for q in requests], first=[q["first"] for q in requests])
+            pending = [row for row, samples in zip(pending, outputs) if self._record(row, samples, round_number)]
+        return self._result(rows)
+
+
+class TeacherStream(Teacher):
+    """Ray Data actor, continuous batching: candidate rows -> traces on vLLM's async engine. Every row runs its own
+    rounds: its next round is sent as soon as its previous samples are back, into the engine's running batch, which
+    also holds the rows of this actor's other batches in flight (`concurrent_batches`)."""
+
+    def __init__(self, run_dir: str, model: str, cfg: dict[str, Any]):
+        from pipelines.common import start_async_reranker
+
+        self._setup(cfg)
+        cfg = self.cfg
+        self.reranker, bound, self._core_lock = start_async_reranker(
+            RunDir.open(run_dir), model, cfg.prompt, cfg.teacher.eos_token, cfg.sampling, cfg.engine,
+            cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.bind_cores, seed=cfg.seed)
+        self.prompts, self.decoding = self.reranker.prompts, self.reranker.decoding
+        log.info("traces actor (continuous): teacher %s on cores %s", model, bound or "-")
+
+    async def _rounds(self, row: RowState) -> None:
+        round_number, more = 0, True
+        while more:
+            round_number += 1
+            samples = await self.reranker.generate(row.prompt_ids, row.candidate_token_ids, **self._request(row))
+            more = self._record(row, samples, round_number)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import asyncio
+
+        rows, pending = self._rows(batch)
+        await asyncio.gather(*(self._rounds(row) for row in pending))
+        return self._result(rows)
 
 
 def fingerprints(cfg: TracesConfig, model: str) -> tuple[dict, dict]:
@@ -290,7 +360,8 @@ def sample(cfg: TracesConfig, run_dir: RunDir, model: str, pending: pa.Table, pa
     started = time.perf_counter()
     done = accepted = 0
     buffered: list[pa.Table] = []
-    batches = stream_actor_pool(cfg, pending, TeacherBatch,
+    actor = TeacherStream if cfg.continuous and cfg.backend == "vllm" else TeacherBatch
+    batches = stream_actor_pool(cfg, pending, actor,
                                 {"run_dir": cfg.run_dir, "model": model, "cfg": cfg.model_dump(mode="json")})
     for batch in batches:
         buffered.append(batch)

@@ -13,7 +13,16 @@ import pytest
 from beam_fixtures import make_prerank_run_dir
 
 from pipelines.common import REPO_ROOT, StageOutputsMismatch
-from pipelines.traces import ROWS_SCHEMA, RowState, TeacherBatch, TracesConfig, compute_stats, eligible_rows, run
+from pipelines.traces import (
+    ROWS_SCHEMA,
+    RowState,
+    TeacherBatch,
+    TeacherStream,
+    TracesConfig,
+    compute_stats,
+    eligible_rows,
+    run,
+)
 from prerank_candidates import write_candidates
 from stage_process import kill_when
 from rec.config import ConfigError, load_config
@@ -89,16 +98,28 @@ def traces_run_dir(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("backend", ["vllm", "hf"])
+@pytest.mark.parametrize("backend", ["vllm", "hf", "vllm-continuous"])
 def test_teacher_writes_parsed_rankings_within_the_budget(traces_run_dir, backend):
-    """One real TeacherBatch over 6 rows, no Ray: an in-process vLLM engine with the ranking logits processor, or
-    the HF generate loop with the same constraint."""
+    """One real teacher actor over 6 rows, no Ray: an in-process vLLM engine with the ranking logits processor, the
+    HF generate loop with the same constraint, or (continuous) vLLM's async engine in its child process, every row
+    running its own rounds."""
     run_dir = traces_run_dir
-    cfg = _config(run_dir.root, "samples_per_round=2", "max_attempts=4", "bind_cores=false", f"backend={backend}")
+    continuous = backend == "vllm-continuous"
+    cfg = _config(run_dir.root, "samples_per_round=2", "max_attempts=4", "bind_cores=false",
+                  f"backend={backend.split('-')[0]}", f"continuous={str(continuous).lower()}")
     rows, _ = eligible_rows(run_dir.read_parquet("candidates", "train.parquet"), cfg)
     batch = rows.slice(0, 6).select(["row_id", "history", "candidates", "target"])
-    teacher = TeacherBatch(str(run_dir.root), run_dir.local_path("models", "midtrain"), cfg.model_dump(mode="json"))
-    out = teacher(batch).to_pylist()
+    args = (str(run_dir.root), run_dir.local_path("models", "midtrain"), cfg.model_dump(mode="json"))
+    if continuous:
+        import asyncio
+
+        teacher = TeacherStream(*args)
+        try:
+            out = asyncio.run(teacher(batch)).to_pylist()
+        finally:
+            teacher.reranker.shutdown()
+    else:
+        out = TeacherBatch(*args)(batch).to_pylist()
     assert [r["row_id"] for r in out] == batch.column("row_id").to_pylist()
     for result, target, listed in zip(out, batch.column("target").to_pylist(), batch.column("candidates").to_pylist()):
         assert result["valid"] and result["invalid_samples"] == 0  # constrained: every sample parses
