@@ -43,6 +43,7 @@ from rec.midtrain_data import (
     TASKS,
     build_task_examples,
     collate,
+    loss_on_labels,
     mix,
     mixture_stats,
     model_inputs,
@@ -165,8 +166,12 @@ def causal_lm_loss(model, batch) -> tuple[Any, int]:
     sdpa/eager get a block-diagonal causal mask and flash kernels varlen boundaries).
     """
     module = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
-    out = model(**model_inputs(batch, module.config._attn_implementation))
-    return out.loss, int(batch["attention_mask"].sum())
+    inputs = model_inputs(batch, module.config._attn_implementation)
+    tokens = int(batch["attention_mask"].sum())
+    stage = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else 0
+    if stage < 3:  # the LM head on the label positions only (ZeRO-3 gathers parameters in the engine's forward)
+        return loss_on_labels(module, inputs), tokens
+    return model(**inputs).loss, tokens
 
 
 def check_every_item_has_a_sid(run_dir: RunDir, item_ids, sid_item_ids) -> None:

@@ -19,6 +19,7 @@ from rec.midtrain_data import (
     SidEncoder,
     build_task_examples,
     collate,
+    loss_on_labels,
     mix,
     mixture_stats,
     model_inputs,
@@ -240,6 +241,24 @@ def test_packed_row_loss_is_the_token_weighted_loss_of_its_examples(small_model,
     expected = sum(n * float(x) for n, x in zip(targets, alone)) / sum(targets)
     assert float(loss) == pytest.approx(expected, abs=1e-5)
     assert tokens == 20 + 9
+
+
+def test_the_lm_head_on_label_positions_only_gives_the_hf_loss_and_gradients(small_model, packed_examples):
+    small_model.set_attn_implementation("sdpa")
+    _, batch = packed_examples
+    inputs = model_inputs(batch, "sdpa")
+    grads = []
+    for loss_of in (lambda: small_model(**inputs).loss, lambda: loss_on_labels(small_model, inputs)):
+        small_model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in small_model.parameters()]))
+    (full, full_grads), (mine, my_grads) = grads
+    assert mine == pytest.approx(full, abs=1e-6)
+    for a, b in zip(full_grads, my_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    unlabelled = {**inputs, "labels": torch.full_like(inputs["labels"], IGNORE_INDEX)}
+    assert float(loss_on_labels(small_model, unlabelled)) == 0.0
 
 
 def test_flash_attention_gets_the_boundaries_of_every_packed_run(packed_examples):
