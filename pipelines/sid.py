@@ -165,9 +165,13 @@ def embed_items(run_dir: RunDir, cfg: EmbedSection) -> tuple[np.ndarray, Encoded
         batch_format="numpy",
     )
     columns: dict[str, list[np.ndarray]] = {}
+    total, done, started = items.count(), 0, time.perf_counter()
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         for name, values in batch.items():
             columns.setdefault(name, []).append(values)
+        done += len(batch["item_id"])
+        log.info("sid: embedded %d / %d items (%.0f items/s)", done, total, done / max(time.perf_counter() - started,
+                                                                                       1e-9))
     merged = {name: np.concatenate(parts) for name, parts in columns.items()}
     order = np.argsort(merged["item_id"])
     stats = {name: merged[name][order].astype(np.int64) for name in STAT_COLUMNS}
