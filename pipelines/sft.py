@@ -160,10 +160,25 @@ def load_model(path: str, dtype: str):
 
 
 def weighted_loss(model, batch) -> tuple[Any, int]:
+    """The weighted answer loss (`rec.sft_data.weighted_lm_loss`); under ZeRO 0-2 the LM head runs on the answer
+    positions only (`rec.model.logits_at_labels`: the prompt's positions never reach it)."""
+    import torch
+
+    from rec.model import logits_at_labels
     from rec.sft_data import weighted_lm_loss
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return weighted_lm_loss(out.logits, batch["labels"], batch["weights"]), int(batch["attention_mask"].sum())
+    tokens = int(batch["attention_mask"].sum())
+    stage = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else 0
+    if stage >= 3:  # ZeRO-3 gathers parameters in the engine's forward
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return weighted_lm_loss(out.logits, batch["labels"], batch["weights"]), tokens
+    module = getattr(model, "module", model)
+    logits, targets, keep = logits_at_labels(module, batch["labels"], input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"])
+    if logits is None:
+        return targets, tokens
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return (losses * batch["weights"][:, 1:][keep]).sum() / keep.sum(), tokens
 
 
 def run(cfg: SftConfig) -> dict[str, Any]:

@@ -284,21 +284,17 @@ def model_inputs(batch: Mapping[str, torch.Tensor], attn_implementation: str | N
 
 def loss_on_labels(model, inputs: dict[str, Any]) -> torch.Tensor:
     """The causal-LM loss of `model(**inputs)` (mean next-token cross-entropy over the label tokens), with the LM head
-    applied only where a label is: the base model's hidden states at the positions whose next token is a label go
-    through `lm_head`, the others never do. The same loss as the HF forward's (to float rounding), at a fraction of
-    its cost when few tokens are labels (next-item examples label only the target SID): the head is most of a small
-    model's compute (hidden 128 x a ~9k vocabulary). `model` is a HF causal LM with `.model` and `.lm_head`."""
+    applied only where a label is (`rec.model.logits_at_labels`): the same loss as the HF forward's, at a fraction
+    of its cost when few tokens are labels."""
     import torch.nn.functional as F
 
+    from rec.model import logits_at_labels
+
     inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    hidden = model.model(**inputs).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    if not bool(keep.any()):
-        return hidden.sum() * 0.0  # no label in the batch: a zero loss that still reaches every parameter
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    logits, targets, _ = logits_at_labels(model, inputs.pop("labels"), **inputs)
+    if logits is None:
+        return targets  # no label in the batch: a zero loss that still reaches every parameter
+    return F.cross_entropy(logits.float(), targets)
 
 
 def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:

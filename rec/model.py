@@ -300,3 +300,18 @@ def load_student(name_or_path: str, dtype: torch.dtype | str = "auto") -> tuple[
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embedding and LM head counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def logits_at_labels(model, labels: torch.Tensor, **inputs):
+    """(logits [K, vocab], targets [K], mask [batch, len - 1]) of the K positions whose next token is a label (not
+    -100): the base model's hidden states there go through `lm_head`, the other positions' never do. The head is
+    most of a small model's compute (hidden 128 x a ~9k vocabulary), and SFT prompts or history tokens are not
+    labels, so this is what the training losses use (ZeRO stages 0-2; ZeRO-3 gathers parameters in the DeepSpeed
+    engine's forward and takes the full HF forward). With no label at all: (None, a zero loss that still reaches
+    every parameter, the empty mask). `model` is a HF causal LM with `.model` and `.lm_head`."""
+    hidden = model.model(**inputs).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    if not bool(keep.any()):
+        return None, hidden.sum() * 0.0, keep
+    return model.lm_head(hidden[:, :-1][keep]), targets[keep], keep

@@ -162,6 +162,23 @@ def test_weighted_loss_with_unit_weights_is_the_usual_causal_lm_loss():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and batch["labels"][1].tolist() == [4, -100, -100]
 
 
+def test_the_stage_loss_runs_the_lm_head_on_answer_positions_only_and_matches_the_full_forward():
+    from pipelines.sft import weighted_loss
+    from rec.model import ModelSection, build_tiny_model
+
+    model = build_tiny_model(ModelSection(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                                          intermediate_size=64), vocab_size=50)
+    batch = collate([{"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, -100, 4, 5, 6],
+                      "weights": [0, 0, 0, 0.5, 0.5, 1]},
+                     {"input_ids": [7, 8, 9], "labels": [-100, 8, 9], "weights": [0, 1, 1]}], pad_id=0)
+    full = weighted_lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                            batch["labels"], batch["weights"])
+    loss, tokens = weighted_loss(model, batch)
+    assert float(loss) == pytest.approx(float(full), abs=1e-6) and tokens == 9
+    none = {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
+    assert float(weighted_loss(model, none)[0]) == 0.0
+
+
 def test_config_keeps_reasoning_weighted_below_the_ranking():
     with pytest.raises(ConfigError, match="lambda_reasoning"):
         _config("x", "lambda_reasoning=2.0")
