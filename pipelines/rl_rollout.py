@@ -1,6 +1,13 @@
 """The RL stage's rollout actors: one vLLM engine each (`RolloutWorker`), sampling and scoring answer groups,
 re-ranking validation rows greedily, and taking new weights in place from the trainer (`pipelines/weight_sync.py`
 drives them: files or NCCL). A plain class; `pipelines/rl.py` makes it a Ray actor.
+
+Rollouts stay on the blocking `vllm.LLM` (not the async engine that traces, evaluate and serving use): a DAPO step
+is on-policy, so every sample of an update must come from the weights of that step, and one `sample` call already
+puts all of a generation batch's prompts x samples into the engine at once (`prompts_per_step` x
+`samples_per_prompt` requests, as many as the engine takes). What continuous batching would add is overlap across
+steps — sending the next step's rollouts before this step's update — which makes them off-policy by one step; not
+done (the weight push into the live engine also relies on the sync engine's `collective_rpc`).
 """
 
 from __future__ import annotations
