@@ -7,7 +7,7 @@ is on-policy, so every sample of an update must come from the weights of that st
 puts all of a generation batch's prompts x samples into the engine at once (`prompts_per_step` x
 `samples_per_prompt` requests, as many as the engine takes). What continuous batching would add is overlap across
 steps — sending the next step's rollouts before this step's update — which makes them off-policy by one step; not
-done (the weight push into the live engine also relies on the sync engine's `collective_rpc`).
+done.
 """
 
 from __future__ import annotations
