@@ -95,6 +95,7 @@ def main() -> None:
                         help="rows for the HF loop (the first of those rows); 0 leaves the HF loop out")
     parser.add_argument("--no-naive", action="store_true", help="leave out the naive (n = 1) pipeline run")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "traces_throughput.json"))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the traces config for every run")
     args = parser.parse_args()
     setup_env()
     setup_logging()
@@ -102,9 +103,9 @@ def main() -> None:
     config = Path(args.config)
     if not (source / "candidates" / "train.parquet").exists():
         raise SystemExit(f"{source} has no candidates/train.parquet: run `make demo` first")
-    cfg = load_config(TracesConfig, config, [f"run_dir={source}"])
+    cfg = load_config(TracesConfig, config, [f"run_dir={source}", *args.overrides])
     n = cfg.samples_per_round
-    common = ["mode=reject", f"max_rows={args.rows}"]
+    common = ["mode=reject", f"max_rows={args.rows}", *args.overrides]
     busy = other_heavy_runs()
     with tempfile.TemporaryDirectory(prefix="gr2-bench-traces-", dir=REPO_ROOT / "runs") as tmp:
         root = Path(tmp)
@@ -120,7 +121,8 @@ def main() -> None:
     if naive is not None:
         cost["naive"] = per_accepted(naive)
     result = {
-        "run_dir": str(source), "config": str(config), "rows": args.rows, "hf_rows": args.hf_rows,
+        "run_dir": str(source), "config": str(config), "overrides": args.overrides, "rows": args.rows,
+        "hf_rows": args.hf_rows,
         "samples_per_round": n, "max_attempts": cfg.max_attempts, "actors": cfg.actors,
         "batch_size": cfg.batch_size, "concurrent_batches": cfg.concurrent_batches,
         "rows_per_s_static": static["rows_per_second"], "rows_per_s_continuous": continuous["rows_per_second"],

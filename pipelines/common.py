@@ -356,19 +356,17 @@ def stream_actor_pool(cfg: EngineActorsConfig, rows: pa.Table, actor_cls: type, 
 
     init_ray(local_cpus(cfg.num_cpus, cfg.actors * cfg.cpus_per_actor, "the vLLM actors"))
     blocks = [rows.slice(start, cfg.batch_size) for start in range(0, rows.num_rows, cfg.batch_size)]
-    concurrency: dict[str, Any] = {}
     compute = ActorPoolStrategy(size=cfg.actors)
     if inspect.iscoroutinefunction(actor_cls.__call__):
         # an async actor: Ray Data runs its calls on one event loop, `concurrent_batches` at a time, and keeps as
         # many more queued on the actor so that a finished batch is replaced at once
         batches = getattr(cfg, "concurrent_batches", 1)
-        concurrency = {"max_concurrency": batches}
-        compute = ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=2 * batches)
+        compute = ActorPoolStrategy(size=cfg.actors, max_concurrent_calls_per_actor=batches,
+                                    max_tasks_in_flight_per_actor=2 * batches)
     results = ray.data.from_arrow(blocks).map_batches(
         actor_cls,
         fn_constructor_kwargs=ctor_kwargs,
         compute=compute,
-        **concurrency,
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
         batch_size=cfg.batch_size,

@@ -330,14 +330,15 @@ def test_ablation_results_come_from_the_rows_files_and_must_share_the_test_lists
 
 def test_stage_on_a_real_ray_pool_resumes_skips_and_refuses_another_config(tmp_path):
     """The pre-rank order and a random tiny model (which never learned the answer format) on 12 test rows: one real
-    vLLM engine in a Ray Data actor pool; two rows of the model were finished by an earlier run."""
+    vLLM async engine (continuous batching, its engine core a child process, as on GPUs) in an async Ray Data actor
+    with 2 batches in flight; two rows of the model were finished by an earlier run."""
     import ray
 
     run_dir = make_prerank_run_dir(tmp_path / "run", max_users=40)
     write_candidates(run_dir, rows=12, split="test")
     overrides = [*SMALL_PROMPTS, "models=[{name: prerank}, {name: random, path: models/midtrain}]",
                  "insert_missing_target=false", "max_rows=null", "actors=1", "num_cpus=2", "batch_size=4",
-                 "flush_rows=4"]
+                 "flush_rows=4", "continuous=true", "concurrent_batches=2"]
     cfg = _config(run_dir.root, *overrides)
     model = run_dir.local_path("models", "midtrain")
     _, parts_fp = fingerprints(cfg, cfg.models[1], model, cfg.prompt, cfg.eos_token,

@@ -138,7 +138,7 @@ def test_killed_run_resumes_without_regenerating_or_duplicating_rows(traces_run_
 
     run_dir = traces_run_dir
     overrides = [f"run_dir={run_dir.root}", *SMALL_PROMPTS, "max_rows=24", "batch_size=2", "flush_rows=2", "actors=1",
-                 "num_cpus=2", "samples_per_round=2", "max_attempts=4"]
+                 "num_cpus=2", "samples_per_round=2", "max_attempts=4", "continuous=true"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # Ray sockets need the short default cache path
     command = [sys.executable, "-m", "pipelines.traces", "--config", str(TINY_YAML), *overrides]
     parts_dir = Path(run_dir.local_path("traces", "_parts"))
