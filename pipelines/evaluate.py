@@ -255,29 +255,10 @@ def rows_result(batch: pa.Table, results: list, consistency: SelfConsistencySect
 
 
 class RerankBatch:
-    """Ray Data actor: candidate rows -> one model's final rankings; one engine per actor, built once."""
+    """Ray Data actor: candidate rows -> one model's final rankings; one engine per actor, built once (`start`: the
+    blocking vLLM engine here, the async one in `RerankStream`)."""
 
-    def __init__(self, run_dir: str, model: str, prompt: dict[str, Any], eos_token: str, cfg: dict[str, Any],
-                 consistency: dict[str, Any] | None = None):
-        from pipelines.common import setup_logging
-
-        setup_logging()
-        cfg = EvaluateConfig.model_validate(cfg)
-        self.seed = cfg.seed
-        self.consistency = SelfConsistencySection.model_validate(consistency or {})
-        self.reranker, bound, self._core_lock = start_reranker(
-            RunDir.open(run_dir), model, RerankPromptSection.model_validate(prompt), eos_token, cfg.sampling,
-            cfg.engine, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.bind_cores, seed=cfg.seed)
-        log.info("evaluate actor: %s on cores %s", model, bound or "-")
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return rerank_rows(self.reranker, batch, self.consistency, self.seed)
-
-
-class RerankStream:
-    """Ray Data actor, continuous batching: candidate rows -> one model's final rankings on vLLM's async engine, every
-    list an engine request of its own, in the running batch with the lists of this actor's other batches in flight
-    (`concurrent_batches`)."""
+    continuous = False
 
     def __init__(self, run_dir: str, model: str, prompt: dict[str, Any], eos_token: str, cfg: dict[str, Any],
                  consistency: dict[str, Any] | None = None):
@@ -287,10 +268,22 @@ class RerankStream:
         cfg = EvaluateConfig.model_validate(cfg)
         self.seed = cfg.seed
         self.consistency = SelfConsistencySection.model_validate(consistency or {})
-        self.reranker, bound, self._core_lock = start_async_reranker(
+        start = start_async_reranker if self.continuous else start_reranker
+        self.reranker, bound, self._core_lock = start(
             RunDir.open(run_dir), model, RerankPromptSection.model_validate(prompt), eos_token, cfg.sampling,
             cfg.engine, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.bind_cores, seed=cfg.seed)
-        log.info("evaluate actor (continuous): %s on cores %s", model, bound or "-")
+        log.info("evaluate actor%s: %s on cores %s", " (continuous)" if self.continuous else "", model, bound or "-")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return rerank_rows(self.reranker, batch, self.consistency, self.seed)
+
+
+class RerankStream(RerankBatch):
+    """Ray Data actor, continuous batching: candidate rows -> one model's final rankings on vLLM's async engine, every
+    list an engine request of its own, in the running batch with the lists of this actor's other batches in flight
+    (`concurrent_batches`)."""
+
+    continuous = True
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         return await rerank_rows_async(self.reranker, batch, self.consistency, self.seed)
