@@ -275,15 +275,17 @@ def start_sid_ranker(run_dir: RunDir, model: str, codebook_size: int, engine: En
     """The constrained beam-search ranker over `model` and the run's SID map (prerank actors, the serving Ranker):
     (rec.engines.sid_ranker.SidRanker, core lock or None). `backend` is `torch` (the batched search on the model:
     on the actor's GPU when it has one, else on `cpus` threads), `vllm` (an engine), or `hf` (the reference)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from rec.engines.sid_ranker import SidRanker
+    from rec.model import sid_softmax_of
 
     sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
     codes = np.array(sid_map["codes"], dtype=np.int64)
     tokenizer = AutoTokenizer.from_pretrained(model)
     args = dict(tokenizer=tokenizer, item_ids=sid_map["item_id"], codes=codes, codebook_size=codebook_size,
-                num_beams=num_beams, top_n=top_n, max_model_len=engine.max_model_len)
+                num_beams=num_beams, top_n=top_n, max_model_len=engine.max_model_len,
+                sid_softmax=sid_softmax_of(AutoConfig.from_pretrained(model)))
     if backend in ("torch", "hf"):
         import torch
 

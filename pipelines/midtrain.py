@@ -20,9 +20,9 @@ import os
 import tempfile
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines.common import exit_on_user_error, init_ray, local_cpus, parse_cli
 from pipelines.lineage import stage_inputs
@@ -51,7 +51,7 @@ from rec.midtrain_data import (
     tokenizer_corpus,
     unpacked,
 )
-from rec.model import ModelSection
+from rec.model import ModelSection, sid_token_ids
 
 log = logging.getLogger("gr2.midtrain")
 
@@ -98,8 +98,22 @@ class MidtrainConfig(StageConfig):
     """Task mixture and tokenisation."""
     train: TrainSection = Field(default_factory=TrainSection)
     """Optimisation, Ray Train workers, DeepSpeed ZeRO stage, checkpointing."""
+    sid_softmax: Literal["vocab", "level"] = "vocab"
+    """What a SID code label is scored against: `vocab` (the full vocabulary, the plain causal-LM loss) or `level`
+    (that level's codebook_size codes only, `rec.midtrain_data.loss_on_labels`; text labels keep the vocabulary).
+    Written into the model's config.json (`sid_softmax`), so that every beam search over the model (prerank, the
+    serving Ranker) normalises its scores the same way (`rec.beam`). `level` is the cheaper head and the exact
+    distribution of trie-constrained decoding; it needs zero_stage <= 2 (ZeRO-3 takes the engine's full forward)."""
     overwrite: bool = False
     """Start again: delete the checkpoints and the published model of an earlier run in this run_dir."""
+
+    @model_validator(mode="after")
+    def _check_sid_softmax(self) -> "MidtrainConfig":
+        if self.sid_softmax == "level" and self.train.zero_stage >= 3:
+            raise ValueError("sid_softmax: level needs train.zero_stage <= 2 (ZeRO-3 gathers the parameters inside "
+                             "the DeepSpeed engine's forward, which computes the full-vocabulary loss); set "
+                             "sid_softmax: vocab or zero_stage: 2")
+        return self
 
 
 def _tokenizer_from_files(files: dict[str, bytes]):
@@ -139,8 +153,10 @@ def prepare_tokenizer(cfg: MidtrainConfig, run_dir: RunDir, texts: list[str], le
     return tokenizer
 
 
-def build_student(model_cfg: ModelSection, files: dict[str, bytes], seed: int, dtype: str = "float32"):
-    """On a worker: the tiny model built from dims, or the hub/local model with embeddings resized to the tokenizer."""
+def build_student(model_cfg: ModelSection, files: dict[str, bytes], seed: int, dtype: str = "float32",
+                  sid_softmax: str = "vocab"):
+    """On a worker: the tiny model built from dims, or the hub/local model with embeddings resized to the tokenizer;
+    its config carries `sid_softmax` (saved with every checkpoint, read by `rec.model.sid_softmax_of`)."""
     import torch
 
     from rec.model import build_tiny_model, configure_special_ids, first_sid_token_id, fit_embeddings
@@ -156,21 +172,23 @@ def build_student(model_cfg: ModelSection, files: dict[str, bytes], seed: int, d
         first_new = first_sid_token_id(tokenizer)
         fit_embeddings(model, len(tokenizer), first_new if first_new is not None else len(tokenizer))
     configure_special_ids(tokenizer, model)
+    model.config.sid_softmax = sid_softmax
     return model
 
 
-def causal_lm_loss(model, batch) -> tuple[Any, int]:
+def causal_lm_loss(model, batch, sid_codes=None) -> tuple[Any, int]:
     """Mean next-token loss over the label tokens (answers only); tokens = non-padding positions.
 
     Every packed example attends only to itself (`rec.midtrain_data.model_inputs`: per-example position_ids, so
-    sdpa/eager get a block-diagonal causal mask and flash kernels varlen boundaries).
+    sdpa/eager get a block-diagonal causal mask and flash kernels varlen boundaries). `sid_codes` ([levels,
+    codebook_size] token ids) selects the `level` SID softmax (`rec.midtrain_data.loss_on_labels`).
     """
     module = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
     inputs = model_inputs(batch, module.config._attn_implementation)
     tokens = int(batch["attention_mask"].sum())
     stage = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else 0
     if stage < 3:  # the LM head on the label positions only (ZeRO-3 gathers parameters in the engine's forward)
-        return loss_on_labels(module, inputs), tokens
+        return loss_on_labels(module, inputs, sid_codes), tokens
     return model(**inputs).loss, tokens
 
 
@@ -230,9 +248,11 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         build_model=partial(
-            build_student, cfg.model, files, cfg.seed, "bfloat16" if cfg.train.precision == "bf16" else "float32"
+            build_student, cfg.model, files, cfg.seed, "bfloat16" if cfg.train.precision == "bf16" else "float32",
+            cfg.sid_softmax,
         ),
-        loss_fn=causal_lm_loss,
+        loss_fn=(partial(causal_lm_loss, sid_codes=sid_token_ids(tokenizer, levels, codebook_size))
+                 if cfg.sid_softmax == "level" else causal_lm_loss),
         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
         extra_files=files,
         seed=cfg.seed,

@@ -7,8 +7,10 @@ token per level. `<|sid_end|>` is never generated: after the last level the SID 
 
 Scores are sums of the model's log-probabilities over the full vocabulary (the mask is applied after the
 log-softmax, as HF beam search does, and vLLM's default `raw_logprobs` mode reports the same numbers), i.e. the
-log-probability of the item's SID under the model. History items can be excluded at the last level, so the beam
-is not spent on items the user already has.
+log-probability of the item's SID under the model. A model mid-trained with `sid_softmax: level` (its config.json
+says so; `rec.model.sid_softmax_of`) was trained to score a level's codes against that level's codes only, so its
+search normalises each level's log-softmax over the level's codes (`SidDecoding.sid_softmax`), in every
+back-end. History items can be excluded at the last level, so the beam is not spent on items the user already has.
 
 `SidDecoding` holds every table the constraint needs as tensors (trie children, token -> (level, code)); the HF
 logits processor recomputes each beam's trie node from its generated tokens with one gather per level, so there is
@@ -44,7 +46,11 @@ DEAD_SCORE = -1e8
 class SidDecoding:
     """The trie of catalogue SIDs plus the token ids of its codes, as tensors for vectorised decoding."""
 
-    def __init__(self, trie: SidTrie, code_token_ids: torch.Tensor, sid_begin: int, vocab_size: int):
+    def __init__(self, trie: SidTrie, code_token_ids: torch.Tensor, sid_begin: int, vocab_size: int,
+                 sid_softmax: str = "vocab"):
+        from rec.model import check_sid_softmax
+
+        self.sid_softmax = check_sid_softmax(sid_softmax)
         levels, codebook_size = code_token_ids.shape
         if levels != trie.depth or codebook_size != trie.codebook_size:
             raise ValueError(
@@ -66,18 +72,19 @@ class SidDecoding:
         self._leaf_items_np = trie.leaf_item_ids.numpy()
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, trie: SidTrie) -> SidDecoding:
+    def from_tokenizer(cls, tokenizer, trie: SidTrie, sid_softmax: str = "vocab") -> SidDecoding:
         from rec.model import sid_token_ids, token_id
         from rec.sid.codes import SID_BEGIN
 
         return cls(trie, sid_token_ids(tokenizer, trie.depth, trie.codebook_size), token_id(tokenizer, SID_BEGIN),
-                   len(tokenizer))
+                   len(tokenizer), sid_softmax)
 
     @classmethod
-    def from_sid_map(cls, tokenizer, item_ids: Sequence[int], codes: np.ndarray, codebook_size: int) -> SidDecoding:
+    def from_sid_map(cls, tokenizer, item_ids: Sequence[int], codes: np.ndarray, codebook_size: int,
+                     sid_softmax: str = "vocab") -> SidDecoding:
         """From the columns of sid/sid_map.parquet (every level, the disambiguation level included)."""
         trie = SidTrie.build(np.asarray(codes, dtype=np.int64), np.asarray(item_ids, dtype=np.int64), codebook_size)
-        return cls.from_tokenizer(tokenizer, trie)
+        return cls.from_tokenizer(tokenizer, trie, sid_softmax)
 
     def prompt_ids(self, prompt: Sequence[int]) -> list[int]:
         """The prompt the search continues: `prompt` ending with `<|sid_begin|>` (appended when missing)."""
@@ -172,7 +179,10 @@ class SidTrieLogitsProcessor(LogitsProcessor):
         columns = self.columns[level]
         if isinstance(columns, torch.Tensor):
             columns = columns.to(scores.device)
-        kept = torch.where(allowed, scores[:, columns], NEG_INF)
+        level_scores = scores[:, columns]
+        if self.decoding.sid_softmax == "level":  # the level's codes renormalised among themselves
+            level_scores = level_scores - torch.logsumexp(level_scores, dim=-1, keepdim=True)
+        kept = torch.where(allowed, level_scores, NEG_INF)
         # in place: `scores` is this step's fresh log-softmax, and a second [beams, vocab] tensor would cost as much
         # as everything else here together
         scores.fill_(NEG_INF)

@@ -1,8 +1,9 @@
 """SID beam search on a plain torch causal LM: one prefill per prompt, then one batched forward per SID level.
 
 `torch_beam_search` returns what `rec.beam.hf_beam_search` returns (per prompt, up to `top_n` distinct
-(item_id, score), best first; scores are sums of full-vocabulary log-probabilities, the trie mask applied after the
-log-softmax; excluded items removed at the last level), without HF `generate`, which prefills every prompt once
+(item_id, score), best first; scores are sums of full-vocabulary log-probabilities, or of per-level ones for a
+model trained with `sid_softmax: level`, the trie mask applied after the log-softmax; excluded items removed at the
+last level), without HF `generate`, which prefills every prompt once
 per beam, and without one engine request per beam per level (the vLLM back-end, `rec.engines`).
 
 How: the prompts are prefilled once each, left-padded, in groups of similar length (`prefill_groups`: little
@@ -114,9 +115,12 @@ def prefill_groups(lengths: Sequence[int], max_tokens: int = PREFILL_TOKENS,
 
 class CodeLogprobs:
     """The model's LM head as full-vocabulary log-softmax values taken at one level's code columns only (float32),
-    run over chunks of rows (`HEAD_CHUNK_ELEMENTS`) so that no [rows, vocab] float32 tensor is ever whole."""
+    run over chunks of rows (`HEAD_CHUNK_ELEMENTS`) so that no [rows, vocab] float32 tensor is ever whole. With
+    `over_level` (a model whose `sid_softmax` is `level`) the softmax is over the level's codes: the head then only
+    computes those codebook_size columns."""
 
-    def __init__(self, head: torch.nn.Module):
+    def __init__(self, head: torch.nn.Module, over_level: bool = False):
+        self.over_level = over_level
         if not isinstance(head, torch.nn.Linear):
             raise TypeError(f"torch_beam_search expects a linear LM head, got {type(head).__name__}")
         weight = head.weight
@@ -129,6 +133,11 @@ class CodeLogprobs:
                        if weight.dtype == torch.float32 else None)
 
     def __call__(self, hidden: torch.Tensor, columns: slice | torch.Tensor) -> torch.Tensor:
+        if self.over_level:
+            logits = hidden.float() @ self.weight_t[:, columns].float()
+            if self.bias is not None:
+                logits += self.bias[columns].float()
+            return torch.log_softmax(logits, dim=-1)
         rows = hidden.reshape(-1, hidden.shape[-1])
         width = columns.stop - columns.start if isinstance(columns, slice) else len(columns)
         out = torch.empty(rows.shape[0], width, dtype=torch.float32, device=rows.device)
@@ -232,7 +241,8 @@ def torch_beam_search(
         excluded = excluded[torch.tensor(order, device=device)]
     cache, hidden, attention_mask = prefill(model, [prompt_ids[row] for row in order], pad_id, device,
                                             extra_tokens=num_beams * (levels - 1))
-    decoder, code_logprobs = model.get_decoder(), CodeLogprobs(model.get_output_embeddings())
+    decoder, code_logprobs = model.get_decoder(), CodeLogprobs(model.get_output_embeddings(),
+                                                             over_level=decoding.sid_softmax == "level")
     users, prompt_width = attention_mask.shape
     cache_width = prompt_width + num_beams * (levels - 1)
     user_index = torch.arange(users, device=device)

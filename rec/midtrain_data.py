@@ -282,19 +282,55 @@ def model_inputs(batch: Mapping[str, torch.Tensor], attn_implementation: str | N
     return inputs
 
 
-def loss_on_labels(model, inputs: dict[str, Any]) -> torch.Tensor:
+def loss_on_labels(model, inputs: dict[str, Any], sid_codes: torch.Tensor | None = None) -> torch.Tensor:
     """The causal-LM loss of `model(**inputs)` (mean next-token cross-entropy over the label tokens), with the LM head
     applied only where a label is (`rec.model.logits_at_labels`): the same loss as the HF forward's, at a fraction
-    of its cost when few tokens are labels."""
+    of its cost when few tokens are labels.
+
+    With `sid_codes` ([levels, codebook_size] token ids, `rec.model.sid_token_ids`; the `level` SID softmax) a label
+    that is a level-l code is scored against level l's codes only, and every other label (text, `<|sid_begin|>`,
+    `<|sid_end|>`) against the full vocabulary. That is the distribution the trie-constrained beam search decodes
+    from when the model's `sid_softmax` is `level` (`rec.beam`): at a code position only that level's codes are
+    ever allowed, so the mass of the other ~9k tokens there is never used; and the head costs codebook_size columns
+    there instead of the vocabulary (next-item examples label ~74 % of their tokens, 3/5 of them codes)."""
     import torch.nn.functional as F
 
     from rec.model import logits_at_labels
 
     inputs = dict(inputs)
-    logits, targets, _ = logits_at_labels(model, inputs.pop("labels"), **inputs)
-    if logits is None:
-        return targets  # no label in the batch: a zero loss that still reaches every parameter
-    return F.cross_entropy(logits.float(), targets)
+    labels = inputs.pop("labels")
+    if sid_codes is None:
+        logits, targets, _ = logits_at_labels(model, labels, **inputs)
+        if logits is None:
+            return targets  # no label in the batch: a zero loss that still reaches every parameter
+        return F.cross_entropy(logits.float(), targets)
+    hidden = model.model(**inputs).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if not bool(keep.any()):
+        return hidden.sum() * 0.0
+    hidden, targets = hidden[keep], targets[keep]
+    head = model.lm_head
+    sid_codes = sid_codes.to(targets.device)
+    # per label: its level (-1 = not a code) and its index among the level's codes
+    level_of = torch.full((head.weight.shape[0],), -1, dtype=torch.long, device=targets.device)
+    index_of = torch.zeros_like(level_of)
+    level_of[sid_codes.reshape(-1)] = torch.arange(sid_codes.shape[0], device=targets.device).repeat_interleave(
+        sid_codes.shape[1])
+    index_of[sid_codes.reshape(-1)] = torch.arange(sid_codes.shape[1], device=targets.device).repeat(sid_codes.shape[0])
+    levels = level_of[targets]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    rest = levels < 0
+    if bool(rest.any()):
+        total = total + F.cross_entropy(head(hidden[rest]).float(), targets[rest], reduction="sum")
+    for level in range(sid_codes.shape[0]):
+        at = levels == level
+        if bool(at.any()):
+            weight = head.weight[sid_codes[level]]
+            bias = head.bias[sid_codes[level]] if head.bias is not None else None
+            logits = F.linear(hidden[at], weight, bias).float()
+            total = total + F.cross_entropy(logits, index_of[targets[at]], reduction="sum")
+    return total / len(targets)
 
 
 def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:

@@ -236,6 +236,21 @@ def _draw_rows(weight: torch.Tensor, first_new: int, end: int, generator: torch.
     weight[first_new:end] = rows.to(weight.dtype)
 
 
+SID_SOFTMAX = ("vocab", "level")
+
+
+def check_sid_softmax(value: str) -> str:
+    if value not in SID_SOFTMAX:
+        raise ValueError(f"sid_softmax must be one of {SID_SOFTMAX}, not {value!r}")
+    return value
+
+
+def sid_softmax_of(config) -> str:
+    """How a model scores SID codes (`pipelines.midtrain` writes it into config.json): `vocab` (the full vocabulary;
+    models without the field, e.g. a hub model) or `level` (each level's codes among themselves)."""
+    return check_sid_softmax(getattr(config, "sid_softmax", None) or "vocab")
+
+
 def sid_token_ids(tokenizer: PreTrainedTokenizerBase, levels: int, codebook_size: int) -> torch.Tensor:
     """LongTensor [levels, codebook_size]: the token id of code `c` at level `l` (for trie-constrained decoding)."""
     tokens = [code_token(level, code) for level in range(levels) for code in range(codebook_size)]

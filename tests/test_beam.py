@@ -3,6 +3,8 @@ the vLLM back-end against HF (vLLM runs in a subprocess: its in-process engine p
 
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import subprocess
@@ -74,7 +76,8 @@ def test_top_items_are_distinct_sorted_and_drop_dead_beams():
 
 
 def _exhaustive_scores(model, decoding, prompt, excluded):
-    """Log-probability of every catalogue SID after `prompt` by teacher forcing (the ground truth)."""
+    """Log-probability of every catalogue SID after `prompt` by teacher forcing (the ground truth): over the full
+    vocabulary, or over each level's codes for a `level` decoding."""
     leaf_items = decoding.trie.leaf_item_ids
     paths = torch.zeros(len(leaf_items), decoding.levels, dtype=torch.long)
     children = decoding.trie.children  # every leaf's codes, by walking the dense table level by level
@@ -87,13 +90,22 @@ def _exhaustive_scores(model, decoding, prompt, excluded):
     tokens = decoding.code_token_ids[torch.arange(decoding.levels), paths]
     full = torch.cat([torch.tensor(decoding.prompt_ids(prompt)).expand(len(tokens), -1), tokens], dim=1)
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(full).logits[:, -decoding.levels - 1:-1].float(), dim=-1)
+        logits = model(full).logits[:, -decoding.levels - 1:-1].float()
+    if decoding.sid_softmax == "level":
+        level_logprobs = torch.stack([torch.log_softmax(logits[:, level, decoding.code_token_ids[level]], dim=-1)
+                                      for level in range(decoding.levels)], dim=1)
+        scores = level_logprobs.gather(2, paths[:, :, None]).squeeze(2).sum(1)
+        return {int(i): float(s) for i, s in zip(leaf_items, scores) if int(i) not in excluded}
+    logprobs = torch.log_softmax(logits, dim=-1)
     scores = logprobs.gather(2, tokens[:, :, None]).squeeze(2).sum(1)
     return {int(i): float(s) for i, s in zip(leaf_items, scores) if int(i) not in excluded}
 
 
-def test_wide_beam_equals_exhaustive_top_n_and_exclusion_holds(tiny):
+@pytest.mark.parametrize("sid_softmax", ["vocab", "level"])
+def test_wide_beam_equals_exhaustive_top_n_and_exclusion_holds(tiny, sid_softmax):
     _, tokenizer, model, decoding, encoder, rows = tiny
+    decoding = copy.copy(decoding)
+    decoding.sid_softmax = sid_softmax
     # a beam as wide as the number of internal trie nodes never prunes a prefix before the last level
     num_beams = decoding.trie.num_internal
     rows = rows[:2]
@@ -130,7 +142,11 @@ def test_vllm_back_end_returns_the_hf_top_n(tiny):
     rows = rows[:12]
     prompts = [next_item_prompt_ids(encoder, r["history"], 256) for r in rows]
     exclude = [r["history"] if i % 2 == 0 else [] for i, r in enumerate(rows)]
-    expected = hf_beam_search(model, decoding, prompts, 20, 10, exclude=exclude, pad_id=tokenizer.pad_token_id)
+    level = copy.copy(decoding)
+    level.sid_softmax = "level"
+    expected = {mode: hf_beam_search(model, d, prompts, 20, 10, exclude=exclude, pad_id=tokenizer.pad_token_id)
+                for mode, d in (("vocab", decoding), ("level", level))}
+    assert expected["vocab"] != expected["level"]  # the two normalisations give different scores
     script = textwrap.dedent(
         f"""
         import json, sys
@@ -143,18 +159,20 @@ def test_vllm_back_end_returns_the_hf_top_n(tiny):
         run_dir = RunDir.open({run_dir.root!r})
         path = run_dir.local_path("models", "midtrain")
         sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
-        decoding = SidDecoding.from_sid_map(AutoTokenizer.from_pretrained(path), sid_map["item_id"],
-                                            np.array(sid_map["codes"]), 16)
         llm = start_llm(path, max_model_len=320, kv_cache_memory_bytes=64 * 2**20, cpu_cores="0")
-        found = VllmSidBeamSearch(llm, decoding, num_beams=20, top_n=10).search({prompts!r}, {exclude!r})
-        print("RESULT", json.dumps(found))
+        for sid_softmax in ("vocab", "level"):
+            decoding = SidDecoding.from_sid_map(AutoTokenizer.from_pretrained(path), sid_map["item_id"],
+                                                np.array(sid_map["codes"]), 16, sid_softmax)
+            found = VllmSidBeamSearch(llm, decoding, num_beams=20, top_n=10).search({prompts!r}, {exclude!r})
+            print("RESULT", json.dumps(found))
         """
     )
     done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True,
                           timeout=240)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, done.stderr[-3000:]
-    found = json.loads(lines[0][len("RESULT "):])
-    for hf_result, vllm_result, excluded in zip(expected, found, exclude):
-        assert len(hf_result) == 10 and not {i for i, _ in vllm_result} & set(excluded)
-        assert_same_top_n(hf_result, [tuple(pair) for pair in vllm_result])
+    assert len(lines) == 2, done.stderr[-3000:]
+    for mode, line in zip(("vocab", "level"), lines):
+        found = json.loads(line[len("RESULT "):])
+        for hf_result, vllm_result, excluded in zip(expected[mode], found, exclude):
+            assert len(hf_result) == 10 and not {i for i, _ in vllm_result} & set(excluded)
+            assert_same_top_n(hf_result, [tuple(pair) for pair in vllm_result])

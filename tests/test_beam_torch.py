@@ -69,6 +69,18 @@ def test_same_top_n_and_scores_as_hf(tiny, num_beams, with_exclusion):
         assert all(not {item for item, _ in row} & set(h) for row, h in zip(found, histories))
 
 
+def test_level_sid_softmax_same_top_n_and_scores_as_hf(tiny):
+    tokenizer, model, decoding, prompts, histories = tiny
+    level = copy.copy(decoding)
+    level.sid_softmax = "level"
+    expected = hf_beam_search(model, level, prompts, 20, 10, exclude=histories, pad_id=tokenizer.pad_token_id)
+    found = torch_beam_search(model, level, prompts, 20, 10, exclude=histories, pad_id=tokenizer.pad_token_id)
+    assert_same_results(expected, found)
+    vocab = torch_beam_search(model, decoding, prompts, 20, 10, exclude=histories, pad_id=tokenizer.pad_token_id)
+    # per-level scores are higher (each level's codes share all of the probability): a different search
+    assert all(a[0][1] > b[0][1] for a, b in zip(found, vocab))
+
+
 def test_dead_beams_get_no_item(tiny):
     """Beams without a valid child die; a prompt with fewer reachable items than beams returns only those."""
     tokenizer, model, decoding, prompts, _ = tiny

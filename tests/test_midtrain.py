@@ -25,7 +25,8 @@ from pipelines.train_utils import check_previous, read_train_log, read_trainer_s
 from rec.config import ConfigError, config_fingerprint, load_config
 from rec.io import RunDir
 from rec.midtrain_data import PACKING_FORMAT, SidEncoder, next_item_prompt_ids
-from rec.model import encode_text
+from rec.engines.sid_ranker import SidRanker
+from rec.model import encode_text, sid_softmax_of
 
 TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "midtrain.yaml"
 
@@ -65,11 +66,16 @@ def test_tiny_preset_config_loads_and_checks_its_fields():
         load_config(MidtrainConfig, TINY_YAML, ["run_dir=runs/x", "train.precision=bf16"])
     with pytest.raises(ConfigError, match="num_kv_heads"):
         load_config(MidtrainConfig, TINY_YAML, ["run_dir=runs/x", "model.num_kv_heads=3"])
+    with pytest.raises(ConfigError, match="sid_softmax: level needs train.zero_stage <= 2"):
+        load_config(MidtrainConfig, TINY_YAML, ["run_dir=runs/x", "sid_softmax=level", "train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="sid_softmax"):
+        load_config(MidtrainConfig, TINY_YAML, ["run_dir=runs/x", "sid_softmax=codes"])
 
 
 def test_midtrain_two_workers_zero2_trains_and_publishes(tmp_path, ray_cluster):
     run_dir = make_run_dir(tmp_path / "run", max_users=80)
-    cfg = _config(tmp_path / "run", "train.max_steps=8", "train.num_workers=2", "train.zero_stage=2")
+    cfg = _config(tmp_path / "run", "train.max_steps=8", "train.num_workers=2", "train.zero_stage=2",
+                  "sid_softmax=level")
     report = run(cfg)
     assert report["steps"] == 8 and report["resumed_from_step"] is None and report["tokens"] > 0
     history = read_train_log(run_dir, *OUTPUT)
@@ -78,13 +84,20 @@ def test_midtrain_two_workers_zero2_trains_and_publishes(tmp_path, ray_cluster):
 
     path, tokenizer, model = _published(run_dir)
     files = tokenizer_files(tokenizer)
-    initial = build_student(cfg.model, files, cfg.seed)
+    initial = build_student(cfg.model, files, cfg.seed, sid_softmax=cfg.sid_softmax)
     unchanged = [
         name for (name, before), after in zip(initial.named_parameters(), model.parameters())
         if torch.equal(before, after)
     ]
     assert not unchanged, f"parameters not trained: {unchanged}"
     assert model.config.head_dim == 64 and model.config.vocab_size == len(tokenizer)
+    # the SID softmax travels in config.json, and the ranker over the model scores the way it was trained
+    assert sid_softmax_of(model.config) == "level" and sid_softmax_of(initial.config) == "level"
+    assert sid_softmax_of(build_student(cfg.model, files, cfg.seed, sid_softmax="vocab").config) == "vocab"
+    sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()
+    ranker = SidRanker(tokenizer, sid_map["item_id"], sid_map["codes"], 16, num_beams=4, top_n=2, max_model_len=128,
+                       model=model)
+    assert ranker.decoding.sid_softmax == "level"
 
     # the published model scores a next-item prompt built the way the pre-ranker will build it
     sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()

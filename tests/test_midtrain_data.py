@@ -261,6 +261,42 @@ def test_the_lm_head_on_label_positions_only_gives_the_hf_loss_and_gradients(sma
     assert float(loss_on_labels(small_model, unlabelled)) == 0.0
 
 
+def test_level_sid_softmax_scores_each_code_against_its_level_and_text_against_the_vocabulary(
+        small_model, packed_examples):
+    small_model.set_attn_implementation("sdpa")
+    _, batch = packed_examples
+    inputs = model_inputs(batch, "sdpa")
+    # two "levels" of 8 codes: one consecutive run of ids, one scattered; the random labels hit both and other ids
+    sid_codes = torch.tensor([list(range(40, 48)), [3, 9, 17, 22, 30, 51, 58, 63]])
+    labels = inputs["labels"][:, 1:]
+    assert {int(t) for t in labels[labels != IGNORE_INDEX]} & set(sid_codes[0].tolist())
+    assert {int(t) for t in labels[labels != IGNORE_INDEX]} & set(sid_codes[1].tolist())
+    small_model.zero_grad()
+    loss = loss_on_labels(small_model, inputs, sid_codes)
+    loss.backward()
+    mine = [p.grad.clone() for p in small_model.parameters()]
+    small_model.zero_grad()
+    logits = small_model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1]
+    keep = labels != IGNORE_INDEX
+    logits, targets = logits[keep], labels[keep]
+    terms = []
+    for row, target in zip(logits, targets.tolist()):
+        level = next((lv for lv in range(2) if target in sid_codes[lv].tolist()), None)
+        if level is None:
+            terms.append(-torch.log_softmax(row, -1)[target])
+        else:
+            index = sid_codes[level].tolist().index(target)
+            terms.append(-torch.log_softmax(row[sid_codes[level]], -1)[index])
+    expected = torch.stack(terms).mean()
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+    assert float(loss) < float(loss_on_labels(small_model, inputs))  # 8 codes are an easier choice than 64 tokens
+    for a, b in zip(mine, (p.grad for p in small_model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    unlabelled = {**inputs, "labels": torch.full_like(inputs["labels"], IGNORE_INDEX)}
+    assert float(loss_on_labels(small_model, unlabelled, sid_codes)) == 0.0
+
+
 def test_flash_attention_gets_the_boundaries_of_every_packed_run(packed_examples):
     _, batch = packed_examples
     plain = model_inputs(batch, "sdpa")

@@ -4,8 +4,10 @@ search, on a vLLM engine (`VllmSidBeamSearch`) or an HF model (`rec.beam.hf_beam
 `rec.beam.hf_beam_search` is the reference; `VllmSidBeamSearch.search` returns the same top-N for the same
 checkpoint. Each level sends one request per live beam: the prompt plus the beam's codes so far, `max_tokens=1`,
 and `logprob_token_ids` = the codes the trie allows next (vLLM returns the raw log-probabilities of exactly those
-tokens, normalised over the full vocabulary as HF's beam scores are). The prompt is shared by all beams of a user,
-so vLLM's prefix cache computes it once. The best `num_beams` (beam, code) pairs of each prompt survive.
+tokens, normalised over the full vocabulary as HF's beam scores are; for a `sid_softmax: level` model every code of
+the level is scored and the allowed ones renormalised over them, as `rec.beam` does). The prompt is shared by all
+beams of a user, so vLLM's prefix cache computes it once. The best `num_beams` (beam, code) pairs of each prompt
+survive.
 
 Why not the alternatives: `LLM.beam_search` cannot see custom logits processors, and a V1 logits
 processor only masks tokens inside vLLM's own sampling loop, which has no beam search; the beam still has to be
@@ -68,20 +70,30 @@ class VllmSidBeamSearch:
         excluded = [set(map(int, items)) for items in exclude] if exclude is not None else [set()] * len(prompts)
         # per prompt: the live beams as (codes so far, node, score)
         beams: list[list[tuple[tuple[int, ...], int, float]]] = [[((), 0, 0.0)] for _ in prompts]
+        level_softmax = decoding.sid_softmax == "level"
+        all_codes = np.arange(decoding.codebook_size)
         for level in range(decoding.levels):
             token_row = token_ids[level]
             requests, owners = [], []
             for row, prompt in enumerate(prompts):
                 for beam_index, (codes, node, _) in enumerate(beams[row]):
                     child_codes, child_nodes = decoding.children_of(node, level, excluded[row])
+                    if not len(child_codes):
+                        continue
                     prefix = prompt + token_ids[np.arange(level), list(codes)].tolist()
-                    for start in range(0, len(child_codes), MAX_LOGPROB_IDS):
-                        chunk = slice(start, start + MAX_LOGPROB_IDS)
-                        requests.append((prefix, token_row[child_codes[chunk]]))
-                        owners.append((row, beam_index, child_codes[chunk], child_nodes[chunk]))
-            scored = self._score(requests) if requests else []
+                    # a `level` model's codes are normalised over the whole level: all of its codes are scored
+                    wanted = all_codes if level_softmax else child_codes
+                    chunks = range(0, len(wanted), MAX_LOGPROB_IDS)
+                    for start in chunks:
+                        requests.append((prefix, token_row[wanted[start:start + MAX_LOGPROB_IDS]]))
+                    owners.append((row, beam_index, child_codes, child_nodes, len(chunks)))
+            scored = iter(self._score(requests) if requests else [])
             candidates: list[list[tuple[float, tuple[int, ...], int]]] = [[] for _ in prompts]
-            for (row, beam_index, child_codes, child_nodes), logprobs in zip(owners, scored):
+            for row, beam_index, child_codes, child_nodes, chunks in owners:
+                logprobs = np.concatenate([next(scored) for _ in range(chunks)])
+                if level_softmax:
+                    peak = logprobs.max()
+                    logprobs = (logprobs - peak - np.log(np.exp(logprobs - peak).sum()))[child_codes]
                 codes, _, score = beams[row][beam_index]
                 for code, node, logprob in zip(child_codes.tolist(), child_nodes.tolist(), logprobs.tolist()):
                     candidates[row].append((score + logprob, (*codes, code), node))
@@ -106,12 +118,12 @@ class SidRanker:
     Back-ends: a `vllm.LLM` (`VllmSidBeamSearch`), or a torch causal LM searched by `rec.beam_torch.torch_beam_search`
     (`model_search="torch"`: one prefill per prompt, one batched forward per SID level) or by
     `rec.beam.hf_beam_search` (`"hf"`, the reference). Histories longer than the engine's `max_model_len` keep their
-    most recent items.
+    most recent items. Scores are normalised as the model was trained (`sid_softmax`, `rec.beam`).
     """
 
     def __init__(self, tokenizer, item_ids: Sequence[int], codes: np.ndarray, codebook_size: int, num_beams: int,
                  top_n: int, max_model_len: int, llm=None, model=None, model_search: str = "torch",
-                 threads: int | None = None):
+                 threads: int | None = None, sid_softmax: str | None = None):
         from rec.midtrain_data import SidEncoder
 
         if (llm is None) == (model is None):
@@ -124,7 +136,14 @@ class SidRanker:
         check_beam_args(num_beams, top_n)
         codes = np.asarray(codes, dtype=np.int64)
         self.encoder = SidEncoder(tokenizer, item_ids, codes, codebook_size)
-        self.decoding = SidDecoding.from_sid_map(tokenizer, item_ids, codes, codebook_size)
+        if sid_softmax is None:  # the model's own (config.json); an engine's caller reads it (start_sid_ranker)
+            if model is None:
+                raise ValueError("give sid_softmax with a vLLM engine: the model's config.json value "
+                                 "(rec.model.sid_softmax_of)")
+            from rec.model import sid_softmax_of
+
+            sid_softmax = sid_softmax_of(model.config)
+        self.decoding = SidDecoding.from_sid_map(tokenizer, item_ids, codes, codebook_size, sid_softmax)
         self.num_beams, self.top_n, self.max_model_len = num_beams, top_n, max_model_len
         self.pad_id, self.model = tokenizer.pad_token_id, model
         self.search = VllmSidBeamSearch(llm, self.decoding, num_beams, top_n) if llm is not None else None
