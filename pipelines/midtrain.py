@@ -51,7 +51,7 @@ from rec.midtrain_data import (
     tokenizer_corpus,
     unpacked,
 )
-from rec.model import ModelSection, sid_token_ids
+from rec.model import ModelSection, SidCodeTables, sid_token_ids
 
 log = logging.getLogger("gr2.midtrain")
 
@@ -180,8 +180,8 @@ def causal_lm_loss(model, batch, sid_codes=None) -> tuple[Any, int]:
     """Mean next-token loss over the label tokens (answers only); tokens = non-padding positions.
 
     Every packed example attends only to itself (`rec.midtrain_data.model_inputs`: per-example position_ids, so
-    sdpa/eager get a block-diagonal causal mask and flash kernels varlen boundaries). `sid_codes` ([levels,
-    codebook_size] token ids) selects the `level` SID softmax (`rec.midtrain_data.loss_on_labels`).
+    sdpa/eager get a block-diagonal causal mask and flash kernels varlen boundaries). `sid_codes`
+    (`rec.model.SidCodeTables`) selects the `level` SID softmax (`rec.midtrain_data.loss_on_labels`).
     """
     module = getattr(model, "module", model)  # the DeepSpeed engine wraps the HF model
     inputs = model_inputs(batch, module.config._attn_implementation)
@@ -251,7 +251,8 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
             build_student, cfg.model, files, cfg.seed, "bfloat16" if cfg.train.precision == "bf16" else "float32",
             cfg.sid_softmax,
         ),
-        loss_fn=(partial(causal_lm_loss, sid_codes=sid_token_ids(tokenizer, levels, codebook_size))
+        loss_fn=(partial(causal_lm_loss, sid_codes=SidCodeTables.of(sid_token_ids(tokenizer, levels, codebook_size),
+                                                                     len(tokenizer)))
                  if cfg.sid_softmax == "level" else causal_lm_loss),
         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
         extra_files=files,

@@ -48,7 +48,7 @@ class SidDecoding:
 
     def __init__(self, trie: SidTrie, code_token_ids: torch.Tensor, sid_begin: int, vocab_size: int,
                  sid_softmax: str = "vocab"):
-        from rec.model import check_sid_softmax
+        from rec.model import SidCodeTables, check_sid_softmax
 
         self.sid_softmax = check_sid_softmax(sid_softmax)
         levels, codebook_size = code_token_ids.shape
@@ -63,10 +63,8 @@ class SidDecoding:
         self.levels = int(levels)
         self.codebook_size = int(codebook_size)
         # token id -> its code and level (-1 for every token that is not a SID code)
-        self.token_code = torch.full((vocab_size,), -1, dtype=torch.long)
-        self.token_level = torch.full((vocab_size,), -1, dtype=torch.long)
-        self.token_code[self.code_token_ids.flatten()] = torch.arange(codebook_size).repeat(levels)
-        self.token_level[self.code_token_ids.flatten()] = torch.arange(levels).repeat_interleave(codebook_size)
+        tables = SidCodeTables.of(self.code_token_ids, vocab_size)
+        self.token_code, self.token_level = tables.code, tables.level
         self.leaf_of_item = {int(item): leaf for leaf, item in enumerate(trie.leaf_item_ids.tolist())}
         self._children_np = trie.children.numpy()
         self._leaf_items_np = trie.leaf_item_ids.numpy()

@@ -23,7 +23,7 @@ set()
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from pydantic import Field, model_validator
@@ -249,6 +249,28 @@ def sid_softmax_of(config) -> str:
     """How a model scores SID codes (`pipelines.midtrain` writes it into config.json): `vocab` (the full vocabulary;
     models without the field, e.g. a hub model) or `level` (each level's codes among themselves)."""
     return check_sid_softmax(getattr(config, "sid_softmax", None) or "vocab")
+
+
+class SidCodeTables(NamedTuple):
+    """A SID vocabulary's code tokens as lookup tables: `ids` [levels, codebook_size] token ids (`sid_token_ids`),
+    and per token id of the vocabulary its `level` and its `code` within the level (-1 for tokens that are not codes)."""
+
+    ids: torch.Tensor
+    level: torch.Tensor
+    code: torch.Tensor
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, vocab_size: int) -> SidCodeTables:
+        ids = ids.long()
+        levels, codebook_size = ids.shape
+        level = torch.full((vocab_size,), -1, dtype=torch.long)
+        code = torch.full((vocab_size,), -1, dtype=torch.long)
+        code[ids.flatten()] = torch.arange(codebook_size).repeat(levels)
+        level[ids.flatten()] = torch.arange(levels).repeat_interleave(codebook_size)
+        return cls(ids, level, code)
+
+    def to(self, device) -> SidCodeTables:
+        return SidCodeTables(*(t.to(device) for t in self))
 
 
 def sid_token_ids(tokenizer: PreTrainedTokenizerBase, levels: int, codebook_size: int) -> torch.Tensor:

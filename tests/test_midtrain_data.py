@@ -30,7 +30,7 @@ from rec.midtrain_data import (
     tokenizer_corpus,
     unpacked,
 )
-from rec.model import ModelSection, build_tiny_model, train_tokenizer
+from rec.model import ModelSection, SidCodeTables, build_tiny_model, train_tokenizer
 from rec.sid.codes import parse_sid
 
 ITEM_IDS = list(range(10, 30))
@@ -271,8 +271,9 @@ def test_level_sid_softmax_scores_each_code_against_its_level_and_text_against_t
     labels = inputs["labels"][:, 1:]
     assert {int(t) for t in labels[labels != IGNORE_INDEX]} & set(sid_codes[0].tolist())
     assert {int(t) for t in labels[labels != IGNORE_INDEX]} & set(sid_codes[1].tolist())
+    tables = SidCodeTables.of(sid_codes, VOCAB)
     small_model.zero_grad()
-    loss = loss_on_labels(small_model, inputs, sid_codes)
+    loss = loss_on_labels(small_model, inputs, tables)
     loss.backward()
     mine = [p.grad.clone() for p in small_model.parameters()]
     small_model.zero_grad()
@@ -294,7 +295,7 @@ def test_level_sid_softmax_scores_each_code_against_its_level_and_text_against_t
     for a, b in zip(mine, (p.grad for p in small_model.parameters())):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     unlabelled = {**inputs, "labels": torch.full_like(inputs["labels"], IGNORE_INDEX)}
-    assert float(loss_on_labels(small_model, unlabelled, sid_codes)) == 0.0
+    assert float(loss_on_labels(small_model, unlabelled, tables)) == 0.0
 
 
 def test_flash_attention_gets_the_boundaries_of_every_packed_run(packed_examples):
