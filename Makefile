@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # End-to-end checks kept out of the default suite (real stages on slices, `ray job submit`).
 test-slow: setup

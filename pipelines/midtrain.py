@@ -77,6 +77,10 @@ class MidtrainDataSection(Section):
     """Item text is cut to this many tokens in the SID <-> text tasks."""
     min_history: int = Field(default=1, ge=0)
     """Next-item targets start after this many items of a user's sequence."""
+    next_item_markers: bool = True
+    """Take the next-item loss on each target's `<|sid_begin|>` / `<|sid_end|>` too. false trains on the codes only:
+    the pre-ranker's beam search forces both markers, so they are never scored, and with `sid_softmax: level` they
+    are the only next-item labels left on the full-vocabulary head (2 of every levels + 2). The text tasks keep them."""
     max_users: int | None = Field(default=None, ge=1)
     """Use only the first this-many users of data/train.parquet (quick runs); null uses all."""
 
@@ -225,6 +229,7 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
     tasks = build_task_examples(
         tokenizer, items, sid_map, train_table.to_pydict(), codebook_size,
         max_len=cfg.data.seq_len, max_text_tokens=cfg.data.max_text_tokens, min_history=cfg.data.min_history,
+        next_item_markers=cfg.data.next_item_markers,
     )
     examples = mix(tasks, cfg.data.weights, cfg.seed)
     stats = mixture_stats(examples)

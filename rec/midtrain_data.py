@@ -113,11 +113,15 @@ def next_item_prompt_ids(encoder: SidEncoder, history: Sequence[int], max_len: i
 
 
 def next_item_examples(
-    encoder: SidEncoder, users: Iterable[tuple[int, Sequence[int]]], max_len: int, min_history: int = 1
+    encoder: SidEncoder, users: Iterable[tuple[int, Sequence[int]]], max_len: int, min_history: int = 1,
+    markers: bool = True,
 ) -> list[Example]:
     """One causal sequence per user (chunked when longer than `max_len`); each item is a target exactly once.
 
-    Chunks after the first repeat up to half a chunk of earlier items as unlabelled context.
+    Chunks after the first repeat up to half a chunk of earlier items as unlabelled context. With `markers` false a
+    target's `<|sid_begin|>` and `<|sid_end|>` are inputs but not labels: the pre-ranker's beam search forces both
+    (`rec.beam` appends `<|sid_begin|>` to the prompt and the trie ends every SID), so only the codes are ever
+    scored, and the markers' full-vocabulary head is a third of a 4-level next-item example's labels.
     """
     max_items = encoder.max_items(max_len)
     if max_items < 2:
@@ -135,7 +139,10 @@ def next_item_examples(
             for position in range(start, end):
                 sid = encoder.sid_ids(items[position])
                 input_ids.extend(sid)
-                labels.extend(sid if position >= first_target else [IGNORE_INDEX] * len(sid))
+                if position < first_target:
+                    labels.extend([IGNORE_INDEX] * len(sid))
+                else:
+                    labels.extend(sid if markers else [IGNORE_INDEX, *sid[1:-1], IGNORE_INDEX])
             examples.append(Example("next_item", int(user_id), input_ids, labels))
             first_target = end
             start = max(end - context, start + 1)
@@ -175,10 +182,12 @@ def build_task_examples(
     max_len: int,
     max_text_tokens: int,
     min_history: int = 1,
+    next_item_markers: bool = True,
 ) -> dict[str, list[Example]]:
     """Every task's examples from column dicts of data/items, sid/sid_map and data/train (`Table.to_pydict()`)."""
     encoder = SidEncoder(tokenizer, sid_map["item_id"], np.array(list(sid_map["codes"])), codebook_size)
-    tasks = {"next_item": next_item_examples(encoder, zip(train["user_id"], train["item_ids"]), max_len, min_history)}
+    users = zip(train["user_id"], train["item_ids"])
+    tasks = {"next_item": next_item_examples(encoder, users, max_len, min_history, markers=next_item_markers)}
     tasks.update(sid_text_examples(tokenizer, encoder, items["item_id"], items["text"], max_text_tokens))
     return tasks
 

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from midtrain_fixtures import make_run_dir
+from midtrain_fixtures import LEVELS, make_run_dir
 from stage_process import kill_when
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,9 +75,13 @@ def test_tiny_preset_config_loads_and_checks_its_fields():
 def test_midtrain_two_workers_zero2_trains_and_publishes(tmp_path, ray_cluster):
     run_dir = make_run_dir(tmp_path / "run", max_users=80)
     cfg = _config(tmp_path / "run", "train.max_steps=8", "train.num_workers=2", "train.zero_stage=2",
-                  "sid_softmax=level")
+                  "sid_softmax=level", "data.next_item_markers=false")
     report = run(cfg)
     assert report["steps"] == 8 and report["resumed_from_step"] is None and report["tokens"] > 0
+    # next-item labels are the codes only: `levels` per target, no <|sid_begin|> / <|sid_end|>
+    sequences = run_dir.read_parquet("data", "train.parquet").column("item_ids").to_pylist()
+    targets = sum(max(len(items) - 1, 0) for items in sequences) * int(cfg.data.weights["next_item"])  # passes
+    assert report["mixture"]["next_item"]["loss_tokens"] == LEVELS * targets, report["mixture"]
     history = read_train_log(run_dir, *OUTPUT)
     assert [r["step"] for r in history] == [2, 4, 6, 8]
     assert history[-1]["loss"] < history[0]["loss"] - 0.3, history

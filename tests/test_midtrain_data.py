@@ -30,7 +30,7 @@ from rec.midtrain_data import (
     tokenizer_corpus,
     unpacked,
 )
-from rec.model import ModelSection, SidCodeTables, build_tiny_model, train_tokenizer
+from rec.model import ModelSection, SidCodeTables, build_tiny_model, sid_token_ids, train_tokenizer
 from rec.sid.codes import parse_sid
 
 ITEM_IDS = list(range(10, 30))
@@ -93,6 +93,23 @@ def test_long_users_are_chunked_and_each_item_is_a_target_once(tokenizer, encode
     assert sum(1 for e in examples for label in e.labels if label != IGNORE_INDEX) == 39 * encoder.sid_len
     # later chunks carry earlier items as unlabelled context
     assert examples[1].labels[len(encoder.next_item_prefix)] == IGNORE_INDEX
+
+
+def test_without_markers_only_the_codes_of_each_target_are_labels(tokenizer, encoder):
+    users = [(1, [10, 11, 12, 13]), (2, [20, 21])]
+    with_markers = next_item_examples(encoder, users, max_len=128)
+    codes_only = next_item_examples(encoder, users, max_len=128, markers=False)
+    code_ids = set(sid_token_ids(tokenizer, 3, 4).view(-1).tolist())
+    for full, codes in zip(with_markers, codes_only):
+        assert codes.input_ids == full.input_ids  # the markers stay in the input
+        for token, label_full, label_codes in zip(full.input_ids, full.labels, codes.labels):
+            if token in code_ids:
+                assert label_codes == label_full
+            else:
+                assert label_codes == IGNORE_INDEX
+    # three targets of user 1, one of user 2: `levels` code labels each, no marker
+    assert [sum(label != IGNORE_INDEX for label in e.labels) for e in codes_only] == [3 * 3, 1 * 3]
+    assert [sum(label == encoder.sid_begin for label in e.labels) for e in with_markers] == [3, 1]
 
 
 def test_prompt_keeps_the_most_recent_history_within_max_len(encoder):
