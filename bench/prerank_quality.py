@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--midtrain-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of the preset's midtrain config the run dir was trained with (e.g. "
                              "train.epochs=5.5): without them a run dir trained for fewer steps would be resumed")
+    parser.add_argument("--prerank-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of the preset's prerank config (e.g. num_beams=40)")
+    parser.add_argument("--note", default=None, help="context for a reader of the results file")
     parser.add_argument("--stretch-recall-at-5", type=float, default=0.05)
     parser.add_argument("--out", default=None, help="default bench/results/prerank_<preset>.json")
     args = parser.parse_args()
@@ -56,7 +59,7 @@ def main() -> None:
     others = other_heavy_runs()
     midtrain_seconds = stage("midtrain", configs / "midtrain.yaml", run_dir, *args.midtrain_set)
     splits = [] if args.all_splits else ["max_users.train=0", "max_users.valid=0"]
-    prerank_seconds = stage("prerank", configs / "prerank.yaml", run_dir, *splits)
+    prerank_seconds = stage("prerank", configs / "prerank.yaml", run_dir, *splits, *args.prerank_set)
     report = json.loads((run_dir / "models" / "midtrain" / "midtrain_report.json").read_text())
     metrics = json.loads((run_dir / "prerank" / "metrics.json").read_text())
     config = report["config"]
@@ -77,15 +80,18 @@ def main() -> None:
             "final_loss": report["final_loss"],
             "seconds_train": report["seconds_train"],
             "seconds_this_call": midtrain_seconds,
+            # the held-out next-item loss by step (valid targets; absent for models trained before it was logged)
+            "held_out": report.get("held_out"),
         },
         "prerank_command": "python -m pipelines.prerank --config "
-                           f"{(configs / 'prerank.yaml').relative_to(REPO_ROOT)} {' '.join(splits)}".strip(),
+                           f"{(configs / 'prerank.yaml').relative_to(REPO_ROOT)} {' '.join([*splits, *args.prerank_set])}".strip(),
         "prerank_seconds": prerank_seconds,
         "test": test,
         "aim": {**TIGER, "stretch_recall@5": args.stretch_recall_at_5, "midtrain_minutes_at_most": 60},
         "met": (test["recall@5"] >= TIGER["recall@5"] and test["ndcg@5"] >= TIGER["ndcg@5"]
                 and report["seconds_train"] <= 3600),
         "stretch_met": test["recall@5"] >= args.stretch_recall_at_5,
+        **({"note": args.note} if args.note else {}),
     }
     out = Path(args.out or REPO_ROOT / "bench" / "results" / f"prerank_{args.preset}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -22,6 +22,7 @@ import time
 from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.common import exit_on_user_error, init_ray, local_cpus, parse_cli
@@ -33,6 +34,7 @@ from pipelines.train_utils import (
     count_parameters,
     fit,
     publish_checkpoint,
+    read_train_log,
     read_trainer_state,
     tokenizer_files,
 )
@@ -41,8 +43,10 @@ from rec.io import DataError, RunDir
 from rec.midtrain_data import (
     PACKING_FORMAT,
     TASKS,
+    SidEncoder,
     build_task_examples,
     collate,
+    held_out_examples,
     loss_on_labels,
     mix,
     mixture_stats,
@@ -61,7 +65,7 @@ REPORT = "midtrain_report.json"
 # Fields that may change between a run and its resumption: the `train` section (schedule length, workers,
 # checkpointing...), so a rerun with a larger max_steps continues the stored run. A different num_workers is
 # refused when the ZeRO shards are loaded.
-RESUMABLE_FIELDS = {"run_dir", "overwrite", "train"}
+RESUMABLE_FIELDS = {"run_dir", "overwrite", "train", "held_out"}
 
 
 class MidtrainDataSection(Section):
@@ -97,6 +101,20 @@ class MidtrainDataSection(Section):
         return weights
 
 
+class HeldOutSection(Section):
+    """A held-out next-item loss logged while training: the over-fitting / early-stopping signal.
+
+    Every `every_steps` optimizer steps (and at the last) the model scores the targets of the first `users` rows of
+    data/valid.parquet (never training targets) from their pre-ranking prompts (`rec.midtrain_data.held_out_examples`):
+    `eval_loss` in the log, train_log.jsonl and TensorBoard, and the curve with its best step in the stage report.
+    It changes nothing that is trained, so it may differ between a run and its resumption."""
+
+    users: int = Field(default=1000, ge=0)
+    """Valid-split users scored (the first this-many); 0 turns the held-out loss off."""
+    every_steps: int = Field(default=250, ge=1)
+    """Optimizer steps between two held-out losses."""
+
+
 class MidtrainConfig(StageConfig):
     model: ModelSection = Field(default_factory=ModelSection)
     """The student: tiny dims or a hub id / local path."""
@@ -104,6 +122,8 @@ class MidtrainConfig(StageConfig):
     """Task mixture and tokenisation."""
     train: TrainSection = Field(default_factory=TrainSection)
     """Optimisation, Ray Train workers, DeepSpeed ZeRO stage, checkpointing."""
+    held_out: HeldOutSection = Field(default_factory=HeldOutSection)
+    """The held-out next-item loss logged during training (valid-split targets)."""
     sid_softmax: Literal["vocab", "level"] = "vocab"
     """What a SID code label is scored against: `vocab` (the full vocabulary, the plain causal-LM loss) or `level`
     (that level's codebook_size codes only, `rec.midtrain_data.loss_on_labels`; text labels keep the vocabulary).
@@ -165,7 +185,13 @@ def build_student(model_cfg: ModelSection, files: dict[str, bytes], seed: int, d
     its config carries `sid_softmax` (saved with every checkpoint, read by `rec.model.sid_softmax_of`)."""
     import torch
 
-    from rec.model import build_tiny_model, configure_special_ids, first_sid_token_id, fit_embeddings
+    from rec.model import (
+        add_training_dropout,
+        build_tiny_model,
+        configure_special_ids,
+        first_sid_token_id,
+        fit_embeddings,
+    )
 
     tokenizer = _tokenizer_from_files(files)
     if model_cfg.name_or_path is None:
@@ -179,6 +205,7 @@ def build_student(model_cfg: ModelSection, files: dict[str, bytes], seed: int, d
         fit_embeddings(model, len(tokenizer), first_new if first_new is not None else len(tokenizer))
     configure_special_ids(tokenizer, model)
     model.config.sid_softmax = sid_softmax
+    add_training_dropout(model, model_cfg.dropout)
     return model
 
 
@@ -206,6 +233,28 @@ def check_every_item_has_a_sid(run_dir: RunDir, item_ids, sid_item_ids) -> None:
             f"{run_dir.path('sid', 'sid_map.parquet')} has no SID for {len(missing)} of the {len(item_ids)} items of "
             f"{run_dir.path('data', 'items.parquet')} (e.g. item {', '.join(map(str, missing[:5]))}): it was written "
             "for another catalogue; rerun sid with overwrite=true and the stages after it (`make demo FROM=sid`)")
+
+
+def held_out_rows(cfg: MidtrainConfig, run_dir: RunDir, tokenizer, sid_map, codebook_size: int) -> list[dict] | None:
+    """The rows of the held-out next-item loss: the first `held_out.users` valid-split targets, unpacked (None: off)."""
+    if not cfg.held_out.users or not run_dir.exists("data", "valid.parquet"):
+        return None
+    valid = run_dir.read_parquet("data", "valid.parquet").slice(0, cfg.held_out.users).to_pydict()
+    encoder = SidEncoder(tokenizer, sid_map["item_id"], np.array(list(sid_map["codes"])), codebook_size)
+    examples = held_out_examples(encoder, zip(valid["user_id"], valid["history"], valid["target"]), cfg.data.seq_len)
+    # similar lengths in a batch: little padding (the loss is a mean over rows, each with `levels` labels)
+    return unpacked(sorted(examples, key=lambda e: len(e.input_ids))) or None
+
+
+def held_out_curve(history: list[dict], users: int) -> dict[str, Any] | None:
+    """The held-out loss by step, its best step and the last step's, from the training log."""
+    points = [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None]
+    if not points:
+        return None
+    best_step, best_loss = min(points, key=lambda point: point[1])
+    return {"users": users, "steps": [step for step, _ in points], "loss": [loss for _, loss in points],
+            "best_step": best_step, "best_loss": best_loss,
+            "last_step": points[-1][0], "last_loss": points[-1][1]}
 
 
 def run(cfg: MidtrainConfig) -> dict[str, Any]:
@@ -239,6 +288,7 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
     steps_per_epoch, total_steps = cfg.train.steps_for(len(rows))
     log.info("midtrain: %d examples -> %d rows of <= %d tokens; %s", len(examples), len(rows), cfg.data.seq_len, stats)
     log.info("midtrain: %d steps/epoch, training to step %d", steps_per_epoch, total_steps)
+    eval_rows = held_out_rows(cfg, run_dir, tokenizer, sid_map, codebook_size)
 
     done = read_trainer_state(run_dir, *OUTPUT)
     if done is not None and done["step"] == total_steps and run_dir.exists(*OUTPUT, REPORT):
@@ -265,6 +315,8 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
         extra_files=files,
         seed=cfg.seed,
         stage="midtrain",
+        eval_rows=eval_rows,
+        eval_every_steps=cfg.held_out.every_steps if eval_rows else None,
     )
     train_start = time.perf_counter()
     result = fit(job, dataset, storage_path=run_dir.path("models"), name=CKPT_NAME, storage_filesystem=run_dir.fs)
@@ -287,6 +339,7 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
         "mixture": stats,
         "seconds_train": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
+        "held_out": held_out_curve(read_train_log(run_dir, *OUTPUT), len(eval_rows or [])),
         "config": fingerprint,
     }
     run_dir.write_json(report, *OUTPUT, REPORT)

@@ -398,7 +398,8 @@ def train_worker(config: dict[str, Any]) -> None:
             state["step"] += 1
             step = state["step"]
             last = step >= job.total_steps
-            if step % train.log_every_steps == 0 or step % train.checkpoint_every_steps == 0 or last:
+            evaluate = bool(job.eval_every_steps) and (step % job.eval_every_steps == 0 or last)
+            if step % train.log_every_steps == 0 or step % train.checkpoint_every_steps == 0 or evaluate or last:
                 totals = window.clone()
                 dist.all_reduce(totals)
                 elapsed = time.perf_counter() - window_start
@@ -414,7 +415,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     "tokens": state["tokens"],
                     "peak_memory_mb": float(peak[0]),
                 }
-                if job.eval_every_steps and (step % job.eval_every_steps == 0 or last):
+                if evaluate:
                     record["eval_loss"] = _eval_loss(engine, job, rank, world_size, device)
                 history.append(record)
                 if rank == 0:

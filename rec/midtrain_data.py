@@ -149,6 +149,22 @@ def next_item_examples(
     return examples
 
 
+def held_out_examples(
+    encoder: SidEncoder, rows: Iterable[tuple[int, Sequence[int], int]], max_len: int
+) -> list[Example]:
+    """One example per (user_id, history, target) of a held-out split (data/valid.parquet): the pre-ranking prompt
+    (`next_item_prompt_ids`, the most recent history that fits) followed by the target's SID, whose codes are the only
+    labels (the beam search forces both markers). Its mean loss is the per-code negative log-likelihood of the held-out
+    target, the quantity the beam search ranks by, whatever `next_item_markers` the training rows use."""
+    examples = []
+    for user_id, history, target in rows:
+        prompt = next_item_prompt_ids(encoder, history, max_len)  # leaves room for the target's SID
+        sid = encoder.sid_ids(target)
+        examples.append(Example("held_out", int(user_id), prompt + sid,
+                                [IGNORE_INDEX] * (len(prompt) + 1) + sid[1:-1] + [IGNORE_INDEX]))
+    return examples
+
+
 def _truncate(ids: list[int], max_tokens: int) -> list[int]:
     return ids[:max_tokens]
 

@@ -80,6 +80,11 @@ class ModelSection(Section):
     """Tiny preset: rotary embedding base."""
     tie_word_embeddings: bool = True
     """Tiny preset: share the input embedding and the LM head (most of a tiny model's parameters)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Training-only dropout on the token embeddings and on every decoder layer's attention and MLP outputs before
+    they join the residual stream (`add_training_dropout`): a regulariser for small models on sparse sequences
+    (SASRec-style). Forward hooks, not the model config: the published model, SFT, RL and every engine over it run
+    without it (Qwen3 has no residual dropout of its own)."""
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelSection:
@@ -303,6 +308,31 @@ def build_tiny_model(cfg: ModelSection, vocab_size: int, seed: int = 0) -> PreTr
     )
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(config)
+
+
+def add_training_dropout(model: PreTrainedModel, p: float) -> list:
+    """Dropout with probability `p` on the output of the input embedding and of each decoder layer's `self_attn` and
+    `mlp` (residual dropout), active only while the module is in training mode; returns the hook handles.
+
+    Hooks rather than config fields so that nothing of it is saved: a checkpoint loads and runs exactly as without.
+    Needs a decoder with `layers[i].self_attn` / `.mlp` (Qwen3, Llama, Qwen2 and most HF causal LMs).
+    """
+    if p <= 0:
+        return []
+    import torch.nn.functional as F
+
+    def on_tensor(module, args, output):
+        return F.dropout(output, p, module.training)
+
+    def on_attention(module, args, output):  # (attn_output, attn_weights)
+        return (F.dropout(output[0], p, module.training), *output[1:])
+
+    decoder = model.get_decoder()
+    handles = [model.get_input_embeddings().register_forward_hook(on_tensor)]
+    for layer in decoder.layers:
+        handles.append(layer.self_attn.register_forward_hook(on_attention))
+        handles.append(layer.mlp.register_forward_hook(on_tensor))
+    return handles
 
 
 def configure_special_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:

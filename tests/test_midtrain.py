@@ -20,13 +20,22 @@ from stage_process import kill_when
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipelines.common import REPO_ROOT, StageOutputsMismatch
-from pipelines.midtrain import CKPT_NAME, OUTPUT, RESUMABLE_FIELDS, MidtrainConfig, build_student, run
+from pipelines.midtrain import (
+    CKPT_NAME,
+    OUTPUT,
+    RESUMABLE_FIELDS,
+    MidtrainConfig,
+    build_student,
+    causal_lm_loss,
+    held_out_rows,
+    run,
+)
 from pipelines.train_utils import check_previous, read_train_log, read_trainer_state, tokenizer_files
 from rec.config import ConfigError, config_fingerprint, load_config
 from rec.io import RunDir
-from rec.midtrain_data import PACKING_FORMAT, SidEncoder, next_item_prompt_ids
+from rec.midtrain_data import PACKING_FORMAT, SidEncoder, collate, next_item_prompt_ids
 from rec.engines.sid_ranker import SidRanker
-from rec.model import encode_text, sid_softmax_of
+from rec.model import SidCodeTables, encode_text, sid_softmax_of, sid_token_ids
 
 TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "midtrain.yaml"
 
@@ -75,7 +84,8 @@ def test_tiny_preset_config_loads_and_checks_its_fields():
 def test_midtrain_two_workers_zero2_trains_and_publishes(tmp_path, ray_cluster):
     run_dir = make_run_dir(tmp_path / "run", max_users=80)
     cfg = _config(tmp_path / "run", "train.max_steps=8", "train.num_workers=2", "train.zero_stage=2",
-                  "sid_softmax=level", "data.next_item_markers=false")
+                  "sid_softmax=level", "data.next_item_markers=false", "held_out.users=16",
+                  "held_out.every_steps=3")
     report = run(cfg)
     assert report["steps"] == 8 and report["resumed_from_step"] is None and report["tokens"] > 0
     # next-item labels are the codes only: `levels` per target, no <|sid_begin|> / <|sid_end|>
@@ -83,8 +93,13 @@ def test_midtrain_two_workers_zero2_trains_and_publishes(tmp_path, ray_cluster):
     targets = sum(max(len(items) - 1, 0) for items in sequences) * int(cfg.data.weights["next_item"])  # passes
     assert report["mixture"]["next_item"]["loss_tokens"] == LEVELS * targets, report["mixture"]
     history = read_train_log(run_dir, *OUTPUT)
-    assert [r["step"] for r in history] == [2, 4, 6, 8]
+    # logged every 2 steps, the held-out loss every 3 and at the last step
+    assert [r["step"] for r in history] == [2, 3, 4, 6, 8]
+    assert [r["step"] for r in history if "eval_loss" in r] == [3, 6, 8]
     assert history[-1]["loss"] < history[0]["loss"] - 0.3, history
+    held_out = report["held_out"]
+    assert held_out["users"] == 16 and held_out["steps"] == [3, 6, 8] and held_out["last_step"] == 8
+    assert held_out["best_loss"] == min(held_out["loss"]) and held_out["last_loss"] == held_out["loss"][-1]
 
     path, tokenizer, model = _published(run_dir)
     files = tokenizer_files(tokenizer)
@@ -102,6 +117,13 @@ def test_midtrain_two_workers_zero2_trains_and_publishes(tmp_path, ray_cluster):
     ranker = SidRanker(tokenizer, sid_map["item_id"], sid_map["codes"], 16, num_beams=4, top_n=2, max_model_len=128,
                        model=model)
     assert ranker.decoding.sid_softmax == "level"
+    # the last held-out loss is the published model's mean code loss on the valid targets, computed here in one batch
+    rows = held_out_rows(cfg, run_dir, tokenizer, sid_map, 16)
+    assert len(rows) == 16 and all(sum(label != -100 for label in row["labels"]) == LEVELS for row in rows)
+    codes = SidCodeTables.of(sid_token_ids(tokenizer, LEVELS, 16), len(tokenizer))
+    with torch.no_grad():
+        loss, _ = causal_lm_loss(model, collate(rows, tokenizer.pad_token_id), sid_codes=codes)
+    assert float(loss) == pytest.approx(held_out["last_loss"], abs=1e-5)
 
     # the published model scores a next-item prompt built the way the pre-ranker will build it
     sid_map = run_dir.read_parquet("sid", "sid_map.parquet").to_pydict()

@@ -19,6 +19,7 @@ from rec.midtrain_data import (
     SidEncoder,
     build_task_examples,
     collate,
+    held_out_examples,
     loss_on_labels,
     mix,
     mixture_stats,
@@ -110,6 +111,20 @@ def test_without_markers_only_the_codes_of_each_target_are_labels(tokenizer, enc
     # three targets of user 1, one of user 2: `levels` code labels each, no marker
     assert [sum(label != IGNORE_INDEX for label in e.labels) for e in codes_only] == [3 * 3, 1 * 3]
     assert [sum(label == encoder.sid_begin for label in e.labels) for e in with_markers] == [3, 1]
+
+
+def test_held_out_examples_score_only_the_targets_codes_after_the_pre_ranking_prompt(tokenizer, encoder):
+    max_len = len(encoder.next_item_prefix) + 4 * encoder.sid_len
+    rows = [(1, ITEM_IDS[:6], ITEM_IDS[7]), (2, [], ITEM_IDS[0])]
+    long, empty = held_out_examples(encoder, rows, max_len)
+    code_ids = set(sid_token_ids(tokenizer, 3, 4).view(-1).tolist())
+    for example, (user, history, target) in zip((long, empty), rows):
+        prompt = next_item_prompt_ids(encoder, history, max_len)
+        assert example.source == user and len(example.input_ids) <= max_len
+        assert example.input_ids == prompt + encoder.sid_ids(target)  # the pre-ranker's prompt, then the target
+        assert _answer_spans(example) == [encoder.sid_ids(target)[1:-1]]  # its codes only, no marker
+        assert set(_answer_spans(example)[0]) <= code_ids
+    assert _sid_items(encoder, tokenizer, long.input_ids[len(encoder.next_item_prefix):]) == ITEM_IDS[3:6] + [ITEM_IDS[7]]
 
 
 def test_prompt_keeps_the_most_recent_history_within_max_len(encoder):

@@ -12,6 +12,7 @@ from rec.model import (
     IM_START,
     ModelSection,
     add_sid_tokens,
+    add_training_dropout,
     build_tiny_model,
     configure_special_ids,
     count_parameters,
@@ -94,6 +95,29 @@ def test_tiny_model_matches_tokenizer_and_trains(tokenizer):
     loss.backward()
     assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad.abs().sum() > 0
     assert count_parameters(model) < sum(p.numel() for p in model.state_dict().values())  # tied head counted once
+
+
+def test_training_dropout_acts_in_train_mode_only_and_is_not_saved(tokenizer, tmp_path):
+    cfg = ModelSection(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)
+    plain, model = build_tiny_model(cfg, len(tokenizer), seed=0), build_tiny_model(cfg, len(tokenizer), seed=0)
+    assert add_training_dropout(model, 0.0) == []
+    handles = add_training_dropout(model, 0.3)
+    assert len(handles) == 1 + 2 * cfg.num_layers  # embeddings, then attention and MLP of each layer
+    input_ids = torch.tensor([encode_text(tokenizer, TEXTS[0])[:16]])
+    model.train()
+    first, second = model(input_ids=input_ids).logits, model(input_ids=input_ids).logits
+    assert not torch.allclose(first, second)  # a fresh mask each forward
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, plain(input_ids=input_ids).logits)
+    model.save_pretrained(tmp_path)  # a published checkpoint runs without it
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).train()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=input_ids).logits, loaded(input_ids=input_ids).logits)
+    for handle in handles:
+        handle.remove()
+    model.train()
+    assert torch.equal(model(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
 
 
 def test_add_sid_tokens_resizes_a_loaded_student(tmp_path):
