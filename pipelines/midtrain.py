@@ -288,13 +288,13 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
     steps_per_epoch, total_steps = cfg.train.steps_for(len(rows))
     log.info("midtrain: %d examples -> %d rows of <= %d tokens; %s", len(examples), len(rows), cfg.data.seq_len, stats)
     log.info("midtrain: %d steps/epoch, training to step %d", steps_per_epoch, total_steps)
-    eval_rows = held_out_rows(cfg, run_dir, tokenizer, sid_map, codebook_size)
 
     done = read_trainer_state(run_dir, *OUTPUT)
     if done is not None and done["step"] == total_steps and run_dir.exists(*OUTPUT, REPORT):
         log.info("midtrain: %s already trained to step %d; nothing to do", run_dir.path(*OUTPUT), total_steps)
         return run_dir.read_json(*OUTPUT, REPORT)
 
+    eval_rows = held_out_rows(cfg, run_dir, tokenizer, sid_map, codebook_size)
     init_ray(local_cpus(None, cfg.train.num_workers * cfg.train.cpus_per_worker, "the Ray Train workers"))
     import ray.data
 
