@@ -8,7 +8,10 @@ preset's own evaluation writes `rows_prerank`, `rows_sft_reject`, `rows_rl`) is 
 its own `pipelines.evaluate` run, so `eval/metrics.json` and `eval/table.md` hold the last one's model afterwards
 (rerun the preset's evaluate config to rewrite them: its finished models are skipped).
 
-Variants (`--source reject`; `--only NAME ...` picks some):
+Variants (`--source reject`; `--source target` or `--source promoted` name them `sft_<source>...`, `rl_<source>...`;
+`--only NAME ...` picks some). `promoted` needs no traces stage: SFT on the pre-rank training lists answered with
+the shown order, target first, no explanation (pipelines/sft.py). The results file holds every variant of every
+source evaluated in the run dir so far, so runs of different sources and `--only` subsets add up to one table.
 
 | variant | lever |
 |---|---|
@@ -54,6 +57,7 @@ from rec.io import RunDir  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 SECONDS_FILE = ("eval", "rerank_ablation_seconds.json")
+SOURCES = ("reject", "target", "promoted")
 NO_EXPLANATION = ("sampling.max_explanation_tokens=0",)
 # (key in the results, table column, decimals)
 COLUMNS = (("ndcg@5", "N@5", 4), ("ndcg@10", "N@10", 4), ("recall@1", "R@1", 4), ("identity_rate", "identity", 4),
@@ -95,27 +99,29 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4) ->
         return Step("rl", (f"init_model=models/{init}", *overrides, f"output={output}"))
 
     base_sft, base_rl = train_sft(), train_rl(sft, rl)
+    taught = ("SFT (promoted: the shown order, target first; no teacher)" if source == "promoted"
+              else f"SFT ({source} traces)")
     shuffle_sft = train_sft(f"{sft}_shuffle", "prompt.shuffle_candidates=true")
     midhist_sft = train_sft(f"{sft}_midhist", "prompt.history_format=midtrain")
     return [
         Variant("prerank", "pre-rank order", None),
-        Variant(sft, f"SFT ({source} traces), candidates in pre-rank order", sft, (base_sft,)),
-        Variant(f"{sft}_shuffle", "SFT, candidates shuffled in every prompt", f"{sft}_shuffle", (shuffle_sft,)),
-        Variant(f"{sft}_noexp", "SFT, answers without explanation", sft, (base_sft,), NO_EXPLANATION),
-        Variant(f"{sft}_sc{orders}", f"SFT, self-consistency over {orders} orders (Borda)", sft, (base_sft,),
+        Variant(sft, f"{taught}, candidates in pre-rank order", sft, (base_sft,)),
+        Variant(f"{sft}_shuffle", f"{taught}, candidates shuffled in every prompt", f"{sft}_shuffle", (shuffle_sft,)),
+        Variant(f"{sft}_noexp", f"{taught}, answers without explanation", sft, (base_sft,), NO_EXPLANATION),
+        Variant(f"{sft}_sc{orders}", f"{taught}, self-consistency over {orders} orders (Borda)", sft, (base_sft,),
                 orders=orders),
-        Variant(f"{sft}_midhist", "SFT, history as mid-training wrote it", f"{sft}_midhist", (midhist_sft,)),
-        Variant(rl, "RL from SFT", rl, (base_sft, base_rl)),
-        Variant(f"{rl}_shuffle", "RL from the shuffled SFT, shuffled rollouts", f"{rl}_shuffle",
+        Variant(f"{sft}_midhist", f"{taught}, history as mid-training wrote it", f"{sft}_midhist", (midhist_sft,)),
+        Variant(rl, f"RL from {sft}", rl, (base_sft, base_rl)),
+        Variant(f"{rl}_shuffle", f"RL from {sft}_shuffle, shuffled rollouts", f"{rl}_shuffle",
                 (shuffle_sft, train_rl(f"{sft}_shuffle", f"{rl}_shuffle"))),
         Variant("rl_zero", "RL from midtrain (RL-zero)", "rl_zero", (train_rl("midtrain", "rl_zero"),)),
-        Variant(f"{rl}_long", f"RL from SFT, {long_steps} steps", f"{rl}_long",
+        Variant(f"{rl}_long", f"RL from {sft}, {long_steps} steps", f"{rl}_long",
                 (base_sft, train_rl(sft, f"{rl}_long", f"rl.steps={long_steps}"))),
-        Variant(f"{rl}_noexp", "RL from SFT, no explanation (trained and evaluated)", f"{rl}_noexp",
+        Variant(f"{rl}_noexp", f"RL from {sft}, no explanation (trained and evaluated)", f"{rl}_noexp",
                 (base_sft, train_rl(sft, f"{rl}_noexp", *NO_EXPLANATION)), NO_EXPLANATION),
-        Variant(f"{rl}_sc{orders}", f"RL from SFT, self-consistency over {orders} orders (Borda)", rl,
+        Variant(f"{rl}_sc{orders}", f"RL from {sft}, self-consistency over {orders} orders (Borda)", rl,
                 (base_sft, base_rl), orders=orders),
-        Variant(f"{rl}_midhist", "RL from the mid-training-history SFT", f"{rl}_midhist",
+        Variant(f"{rl}_midhist", f"RL from {sft}_midhist", f"{rl}_midhist",
                 (midhist_sft, train_rl(f"{sft}_midhist", f"{rl}_midhist"))),
     ]
 
@@ -169,8 +175,10 @@ def val_curve(run_dir: RunDir, model: str | None) -> list[dict] | None:
             for h in read_train_log(run_dir, "models", model) if "val_ndcg@5" in h]
 
 
-def collect(run_dir: RunDir, chosen: list[Variant], preset: str, seconds: dict[str, float]) -> dict[str, Any]:
-    """The results of every evaluated variant (metrics from its rows file); all must cover the same test lists."""
+def collect(run_dir: RunDir, chosen: list[Variant], preset: str, seconds: dict[str, float],
+            pending: list[str] | None = None) -> dict[str, Any]:
+    """The results of every evaluated variant of `chosen` (metrics from its rows file); all must cover the same test
+    lists. `not_evaluated` lists those of `pending` (default: all of `chosen`) without a rows file."""
     from pipelines.evaluate import model_metrics
 
     rows, row_ids = {}, {}
@@ -193,7 +201,8 @@ def collect(run_dir: RunDir, chosen: list[Variant], preset: str, seconds: dict[s
         raise ValueError(f"the variants' rows files hold different test lists ({sizes}); evaluate them with one "
                          "config (remove the odd rows files and rerun)")
     return {"run_dir": run_dir.root, "preset": preset, "rows": next(iter(rows.values()))["rows"] if rows else 0,
-            "variants": rows, "not_evaluated": [v.name for v in chosen if v.name not in rows]}
+            "variants": rows,
+            "not_evaluated": [name for name in (pending or [v.name for v in chosen]) if name not in rows]}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/tiny_full")
     parser.add_argument("--preset", default="tiny_full", help="configs from pipelines/configs/<preset>/")
-    parser.add_argument("--source", default="reject", choices=("reject", "target"), help="the SFT traces")
+    parser.add_argument("--source", default="reject", choices=SOURCES, help="what SFT learns from")
     parser.add_argument("--long-steps", type=int, default=1000, help="RL steps of the long run")
     parser.add_argument("--orders", type=int, default=4, help="self-consistency orders (K)")
     parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="these variants only")
@@ -254,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(variant.name)
     if args.dry_run:
         return 0
-    results = collect(run_dir, chosen, args.preset, seconds)
+    known = {v.name: v for source in SOURCES for v in variants(source, args.long_steps, args.orders)}
+    results = collect(run_dir, list({**known, **{v.name: v for v in every}}.values()), args.preset, seconds,
+                      pending=[v.name for v in chosen])
     write_results(results, Path(args.out) if args.out else RESULTS / f"rerank_ablation_{Path(args.run_dir).name}")
     print(markdown(results))
     if failed:

@@ -4,9 +4,13 @@ Reads `<run_dir>/traces/{source}.parquet` (accepted rows only), `data/items.parq
 the mid-trained student (`init_model`, or `<run_dir>/models/midtrain`). Each example is the re-rank prompt WITHOUT
 the target (rec.rerank.PromptBuilder, the same prompt evaluation and serving use) and the teacher's answer as the
 assistant turn; the loss covers the assistant turn only, reasoning tokens weighted `lambda_reasoning`, the ranking
-`lambda_ranking` (rec.sft_data). Trains with Ray Train `TorchTrainer` + DeepSpeed ZeRO-2/3 (pipelines.train_utils:
-gradient accumulation, warm-up + cosine LR, eval loss on a held-out slice of rows, checkpoints through Ray Train
-with resume, `FailureConfig(max_failures)` so a lost worker restarts from the last checkpoint).
+`lambda_ranking` (rec.sft_data). `source=promoted` needs no teacher: it reads the pre-ranker's training lists
+(`candidates/train.parquet`, the rows that hold their target) and answers each reasoning-free with the list as the
+prompt shows it, the target moved to the front (rec.sft_data.promoted_ranking): the student learns to keep the order
+it is given and to lift the one item it believes comes next, so a wrong guess costs the target at most one place.
+Trains with Ray Train `TorchTrainer` + DeepSpeed ZeRO-2/3 (pipelines.train_utils: gradient accumulation, warm-up +
+cosine LR, eval loss on a held-out slice of rows, checkpoints through Ray Train with resume,
+`FailureConfig(max_failures)` so a lost worker restarts from the last checkpoint).
 
 Writes `<run_dir>/models/sft_{source}/` (HF safetensors + tokenizer, loadable by transformers and vLLM) with
 `sft_report.json` and `gr2_rerank.json` (the prompt settings it was trained with, and its lengths: the teacher's
@@ -24,6 +28,7 @@ import json
 import logging
 import time
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -47,18 +52,20 @@ from pipelines.train_utils import (
 from rec.config import StageConfig, config_fingerprint
 from rec.io import RunDir
 from pipelines.traces import META_KEY as TRACES_CONFIG_KEY
-from rec.rerank import RerankPromptSection, RerankSamplingSection
+from rec.rerank import PromptBuilder, RerankPromptSection, RerankSamplingSection
 from rec.rerank_settings import RERANK_SETTINGS, RerankLengths, rerank_settings_json, trained_lengths
 
 log = logging.getLogger("gr2.sft")
 
 REPORT = "sft_report.json"
 RESUMABLE_FIELDS = {"run_dir", "overwrite", "train"}
+PROMOTED = "promoted"
 
 
 class SftConfig(StageConfig):
-    source: Literal["reject", "target"] = "reject"
-    """Which traces to learn from: traces/{source}.parquet."""
+    source: Literal["reject", "target", "promoted"] = "reject"
+    """What to learn from: traces/{source}.parquet (reject, target), or `promoted`: the pre-rank training lists that
+    hold their target, answered with the shown order, target first, and an empty explanation (no teacher)."""
     init_model: str | None = None
     """Student to start from (a local path); null is `<run_dir>/models/midtrain`."""
     output: str | None = None
@@ -96,46 +103,78 @@ class SftConfig(StageConfig):
         return self.output or f"sft_{self.source}"
 
 
+def source_file(cfg: SftConfig) -> tuple[str, str]:
+    """The run-directory file the examples come from."""
+    return ("candidates", "train.parquet") if cfg.source == PROMOTED else ("traces", f"{cfg.source}.parquet")
+
+
+def source_rows(cfg: SftConfig, run_dir: RunDir, builder: PromptBuilder) -> tuple[list[dict], dict[str, int]]:
+    """(rows with history, candidates and the answer `completion`, counts): the accepted traces, or for
+    `promoted` the pre-rank lists that hold their target (a list without it is counted, `rows_without_target`),
+    answered with the order `builder`'s prompt shows, target first."""
+    path = source_file(cfg)
+    if not run_dir.exists(*path):
+        stage = "prerank" if cfg.source == PROMOTED else f"traces stage with mode={cfg.source}"
+        raise FileNotFoundError(f"{run_dir.path(*path)} missing; run the {stage}")
+    table = run_dir.read_parquet(*path)
+    if cfg.source != PROMOTED:
+        accepted = table.filter(pc.equal(table.column("accepted"), True))
+        return (accepted.select(["history", "candidates", "completion"]).to_pylist(),
+                {"trace_rows": table.num_rows, "accepted_rows": accepted.num_rows})
+    from pipelines.traces import eligible_rows
+    from rec.rerank import format_answer
+    from rec.sft_data import promoted_ranking
+
+    rows, skipped = eligible_rows(table, SimpleNamespace(seed=cfg.seed, max_rows=None, insert_missing_target=False))
+    out = []
+    for row in rows.select(["history", "target", "candidates"]).to_pylist():
+        shown = builder.shown_order(row["history"], row["candidates"])
+        ranking = promoted_ranking(shown, row["target"])
+        out.append({"history": row["history"], "candidates": row["candidates"],
+                    "completion": format_answer("", builder.candidate_sids(ranking))})
+    return out, {"list_rows": table.num_rows, "lists_with_target": len(out), **skipped}
+
+
 def build_examples(cfg: SftConfig, run_dir: RunDir, tokenizer) -> tuple[list[dict], dict[str, int]]:
-    """Accepted traces -> tokenised examples (dicts of input_ids, labels, weights), in row order, and counts."""
-    from rec.rerank import PromptBuilder
+    """Answers (rows of `source_rows`) -> tokenised examples (dicts of input_ids, labels, weights), in row order,
+    and counts."""
     from rec.sft_data import build_example
 
-    path = ("traces", f"{cfg.source}.parquet")
-    if not run_dir.exists(*path):
-        raise FileNotFoundError(f"{run_dir.path(*path)} missing; run the traces stage with mode={cfg.source}")
-    traces = run_dir.read_parquet(*path)
-    accepted = traces.filter(pc.equal(traces.column("accepted"), True))
     builder = PromptBuilder.for_run(tokenizer, run_dir, cfg.prompt)
+    rows, counts = source_rows(cfg, run_dir, builder)
     eos_id = tokenizer.convert_tokens_to_ids(cfg.eos_token)
     examples, too_long, longest_prompt, longest_answer = [], 0, 0, 0
-    columns = [accepted.column(c).to_pylist() for c in ("history", "candidates", "completion")]
-    for history, candidates, completion in zip(*columns):
-        _, prompt_ids = builder.prompt(history, candidates)  # the student never sees the target
-        example = build_example(tokenizer, prompt_ids, completion, eos_id, cfg.lambda_reasoning, cfg.lambda_ranking)
+    for row in rows:
+        _, prompt_ids = builder.prompt(row["history"], row["candidates"])  # the student never sees the target
+        example = build_example(tokenizer, prompt_ids, row["completion"], eos_id, cfg.lambda_reasoning,
+                                cfg.lambda_ranking)
         if len(example.input_ids) > cfg.max_len:
             too_long += 1
             continue
         longest_prompt = max(longest_prompt, len(prompt_ids))
         longest_answer = max(longest_answer, len(example.input_ids) - len(prompt_ids))  # answer + eos
         examples.append({"input_ids": example.input_ids, "labels": example.labels, "weights": example.weights})
-    counts = {"trace_rows": traces.num_rows, "accepted_rows": accepted.num_rows, "dropped_too_long": too_long,
-              "examples": len(examples), "longest_prompt_tokens": longest_prompt,
-              "longest_answer_tokens": longest_answer}
+    counts = {**counts, "dropped_too_long": too_long, "examples": len(examples),
+              "longest_prompt_tokens": longest_prompt, "longest_answer_tokens": longest_answer}
     if not examples:
-        raise ValueError(f"{run_dir.path(*path)} has no accepted trace that fits max_len={cfg.max_len}: {counts}")
+        raise ValueError(f"{run_dir.path(*source_file(cfg))} has no answer that fits max_len={cfg.max_len}: {counts}")
     return examples, counts
 
 
 def answer_lengths(cfg: SftConfig, run_dir: RunDir, counts: dict[str, int]) -> RerankLengths:
     """What the model is trained to write (saved in gr2_rerank.json): the teacher's sampling budget, read from the
     config the traces stage stored in `traces/{source}.parquet` (older files without it: the longest answer trained
-    on), and the longest prompt and answer among the examples."""
+    on), and the longest prompt and answer among the examples. `promoted` answers are written, not sampled: the
+    format of a constrained answer with an empty explanation, and no teacher budget."""
+    measured = {"longest_answer_tokens": counts["longest_answer_tokens"],
+                "longest_prompt_tokens": counts["longest_prompt_tokens"], "max_len": cfg.max_len}
+    if cfg.source == PROMOTED:
+        written = trained_lengths(RerankSamplingSection(constrained=True, max_explanation_tokens=0), **measured)
+        return written.model_copy(update={"teacher_max_tokens": None})
     traces_config = run_dir.parquet_json_metadata(TRACES_CONFIG_KEY, "traces", f"{cfg.source}.parquet") or {}
-    teacher = traces_config.get("sampling")
-    return trained_lengths(RerankSamplingSection.model_validate(teacher) if teacher is not None else None,
-                           longest_answer_tokens=counts["longest_answer_tokens"],
-                           longest_prompt_tokens=counts["longest_prompt_tokens"], max_len=cfg.max_len)
+    sampling = traces_config.get("sampling")
+    return trained_lengths(RerankSamplingSection.model_validate(sampling) if sampling is not None else None,
+                           **measured)
 
 
 def split_eval(examples: list[dict], cfg: SftConfig) -> tuple[list[dict], list[dict]]:
@@ -198,12 +237,12 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     train_rows, eval_rows = split_eval(examples, cfg)
     fingerprint = config_fingerprint(cfg, exclude=RESUMABLE_FIELDS) | {
         "init_digest": model_digest(init), "examples": len(examples),
-        "inputs": stage_inputs(run_dir, "sft", [f"traces/{cfg.source}.parquet"]),
+        "inputs": stage_inputs(run_dir, "sft", ["/".join(source_file(cfg))]),
     }
     check_previous("sft", run_dir, ckpt_name, output, fingerprint, cfg.overwrite)
     steps_per_epoch, total_steps = cfg.train.steps_for(len(train_rows))
-    log.info("sft: %d examples from traces/%s.parquet (%s); %d train / %d held out; %d steps/epoch, to step %d",
-             len(examples), cfg.source, counts, len(train_rows), len(eval_rows), steps_per_epoch, total_steps)
+    log.info("sft: %d examples from %s (%s); %d train / %d held out; %d steps/epoch, to step %d",
+             len(examples), "/".join(source_file(cfg)), counts, len(train_rows), len(eval_rows), steps_per_epoch, total_steps)
     done = read_trainer_state(run_dir, *output)
     if done is not None and done["step"] == total_steps and run_dir.exists(*output, REPORT):
         log.info("sft: %s already trained to step %d; nothing to do", run_dir.path(*output), total_steps)

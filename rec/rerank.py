@@ -333,15 +333,19 @@ class PromptBuilder:
         except KeyError:
             raise KeyError(f"item {item_id} has no SID in sid/sid_map.parquet") from None
 
-    def messages(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> list[dict]:
-        s = self.section
+    def shown_order(self, history: Sequence[int], candidates: Sequence[int]) -> list[int]:
+        """The candidates in the order the prompt lists them: the incoming order, or its seeded shuffle."""
         shown = list(candidates)
-        if s.shuffle_candidates:  # the prompt text only: answers are read against `candidates` by SID
+        if self.section.shuffle_candidates:  # the prompt text only: answers are read against `candidates` by SID
             from rec.consistency import list_key, shuffled
 
             shown = shuffled(shown, list_key(history, candidates))
+        return shown
+
+    def messages(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> list[dict]:
+        s = self.section
         return build_messages(
-            [self.item(i) for i in history], [self.item(i) for i in shown],
+            [self.item(i) for i in history], [self.item(i) for i in self.shown_order(history, candidates)],
             target=self.item(target) if target is not None else None, priming=s.priming,
             count_tokens=self.count_tokens, history_token_budget=s.history_token_budget,
             max_title_chars=s.max_title_chars, history_format=s.history_format,

@@ -59,6 +59,17 @@ def answer_segments(text: str) -> list[tuple[str, bool]]:
     return [(piece, reasoning) for piece, reasoning in segments if piece]
 
 
+def promoted_ranking(shown: Sequence[int], target: int) -> list[int]:
+    """The `promoted` SFT answer: the candidates in the order the prompt shows them, the target moved to the front.
+
+    >>> promoted_ranking([4, 7, 9, 2], 9)
+    [9, 4, 7, 2]
+    """
+    if target not in shown:
+        raise ValueError(f"target {target} is not among the candidates {list(shown)}")
+    return [target] + [item for item in shown if item != target]
+
+
 @dataclass
 class SftExample:
     input_ids: list[int]

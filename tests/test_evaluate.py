@@ -323,6 +323,11 @@ def test_ablation_results_come_from_the_rows_files_and_must_share_the_test_lists
     rl = results["variants"]["rl"]
     assert (rl["recall@1"], rl["identity_rate"], rl["eval_s"], rl["train_s"], rl["rows"]) == (0.5, 0.5, 12.5, None, 2)
     assert rl["commands"][-1].startswith("python -m pipelines.evaluate")
+    run_dir.write_parquet(rows, "eval", "rows_rl_promoted.parquet")  # a row of another source's run
+    assert ablation.main(["--run-dir", run_dir.root, "--only", "prerank", "--out", str(tmp_path / "t")]) == 0
+    written = json.loads((tmp_path / "t.json").read_text())
+    assert list(written["variants"]) == ["prerank", "rl", "rl_promoted"] and written["not_evaluated"] == []
+    assert written["variants"]["rl_promoted"]["lever"] == "RL from sft_promoted"
     run_dir.write_parquet(rows.slice(0, 1), "eval", "rows_rl.parquet")
     with pytest.raises(ValueError, match="different test lists"):
         ablation.collect(run_dir, chosen, "tiny_full", {})

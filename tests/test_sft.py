@@ -179,6 +179,55 @@ def test_the_stage_loss_runs_the_lm_head_on_answer_positions_only_and_matches_th
     assert float(weighted_loss(model, none)[0]) == 0.0
 
 
+def test_promoted_answers_keep_the_shown_order_with_the_target_first(sft_run_dir, tmp_path):
+    """source=promoted reads the pre-rank lists (no traces): each list that holds its target is answered with the
+    order the prompt shows, target first, an empty explanation; lists without their target are counted."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from pipelines.sft import answer_lengths, build_examples
+    from rec.consistency import list_key, shuffled
+    from rec.io import RunDir
+    from rec.rerank import final_ranking
+    from rec.sft_data import promoted_ranking
+
+    shutil.copytree(sft_run_dir.root, tmp_path / "run")
+    run_dir = RunDir.open(str(tmp_path / "run"))
+    lists = run_dir.read_parquet("candidates", "train.parquet").to_pylist()
+    catalogue_items = run_dir.read_parquet("sid", "sid_map.parquet").column("item_id").to_pylist()
+    for row in lists[:3]:  # these three lost their target: not trained on, counted
+        spare = next(i for i in catalogue_items if i not in row["candidates"] and i != row["target"])
+        row["candidates"] = [spare if i == row["target"] else i for i in row["candidates"]]
+    run_dir.write_parquet(pa.Table.from_pylist(lists, schema=run_dir.read_parquet("candidates", "train.parquet").schema),
+                          "candidates", "train.parquet")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir.local_path("models", "midtrain"))
+    sid_of, _ = catalogue(run_dir)
+    kept = lists[3:]
+    for shuffle in (False, True):
+        cfg = _config(run_dir.root, "source=promoted", f"prompt.shuffle_candidates={str(shuffle).lower()}")
+        examples, counts = build_examples(cfg, run_dir, tokenizer)
+        assert (counts["list_rows"], counts["lists_with_target"], counts["rows_without_target"]) == (24, 21, 3)
+        assert len(examples) == counts["examples"] == 21
+        for example, row in zip(examples, kept):
+            answer = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"])
+                                       if label != IGNORE_INDEX], skip_special_tokens=False)
+            assert answer.endswith("<|im_end|>")
+            parsed = parse_answer(answer.removesuffix("<|im_end|>"), [sid_of[i] for i in row["candidates"]])
+            ranking, reason = final_ranking(parsed, row["candidates"])
+            shown = (shuffled(row["candidates"], list_key(row["history"], row["candidates"])) if shuffle
+                     else row["candidates"])
+            assert reason is None and parsed.explanation == ""
+            assert ranking == promoted_ranking(shown, row["target"]) and ranking[0] == row["target"]
+            assert {w for w, label in zip(example["weights"], example["labels"]) if label != IGNORE_INDEX} == {1.0}
+        assert sum(r["candidates"] != promoted_ranking(r["candidates"], r["target"]) for r in kept) >= 15
+    lengths = answer_lengths(cfg, run_dir, counts)
+    assert (lengths.constrained, lengths.max_explanation_tokens, lengths.teacher_max_tokens) == (True, 0, None)
+    assert lengths.max_answer_tokens == lengths.longest_answer_tokens == counts["longest_answer_tokens"] > 0
+    with pytest.raises(ValueError, match="not among the candidates"):
+        promoted_ranking([1, 2], 3)
+
+
 def test_config_keeps_reasoning_weighted_below_the_ranking():
     with pytest.raises(ConfigError, match="lambda_reasoning"):
         _config("x", "lambda_reasoning=2.0")
