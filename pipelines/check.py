@@ -38,7 +38,7 @@ from pydantic import BaseModel
 
 from pipelines.common import REPO_ROOT
 from rec.config import ConfigError, load_config
-from rec.rerank import RerankPromptSection
+from rec.rerank import RerankPromptSection, RerankSamplingSection
 from rec.rerank_settings import (
     DEFAULT_CANDIDATES,
     STUDENT_SID_TOKENS,
@@ -113,6 +113,12 @@ class PresetCheck:
     def trained(self) -> RerankSettings | None:
         """The settings SFT saves with the model, derived from the configs: SFT's prompt, the teacher's budget."""
         traces, sft = self.c.get("traces"), self.c.get("sft")
+        if sft is not None and sft.source == "promoted":  # written answers: the ranking alone, no teacher
+            return RerankSettings(
+                sft.prompt, sft.eos_token,
+                trained_lengths(RerankSamplingSection(constrained=True, max_explanation_tokens=0),
+                                candidates=self.candidates),
+                source=self.f("sft"), trained_field=f"{self.f('sft')} source=promoted -> constrained answer tokens")
         if traces is None or sft is None:
             return None
         s = traces.sampling
@@ -155,7 +161,7 @@ class PresetCheck:
                     f"template) + answer {answer} ({trained.answer_field}): the longest traces would be dropped; "
                     f"raise max_len to >= {prompt + answer}")
             self.report.add("lengths: sft max_len", problems,
-                            f"max_len={sft.max_len} >= prompt ~{prompt} + teacher answer {answer}")
+                            f"max_len={sft.max_len} >= prompt ~{prompt} + trained answer {answer}")
         if rl is not None:
             settings = trained if trained is not None and _is_trained(rl.init_model) else RerankSettings(
                 rl.prompt, source=self.f("rl"))

@@ -87,6 +87,25 @@ def test_an_sft_max_len_too_short_for_the_traces_and_an_rl_buffer_past_max_token
     assert f"{RL} rl.overlong_buffer=2048 >= {RL} sampling.max_tokens=2048" in err
 
 
+def test_promoted_sft_answers_are_budgeted_as_the_ranking_alone(tmp_path, capsys):
+    """source=promoted writes its answers (no teacher): SFT's max_len must hold a prompt + the constrained ranking
+    with no explanation, not the teacher's budget."""
+    root = _copy(tmp_path, "tiny_full")
+    sft = "pipelines/configs/tiny_full/sft.yaml"
+    _edit(root, sft, ("source", "promoted"))
+    assert main(["--preset", "tiny_full", "--root", str(root)]) == 0
+    promoted = capsys.readouterr().out
+    _edit(root, sft, ("source", "reject"))
+    assert main(["--preset", "tiny_full", "--root", str(root)]) == 0
+    reject = capsys.readouterr().out
+
+    def teacher_answer(out: str) -> int:
+        line = next(line for line in out.splitlines() if "lengths: sft max_len" in line)
+        return int(line.split("trained answer ")[1].split()[0])
+
+    assert teacher_answer(promoted) + 48 == teacher_answer(reject)  # the reject traces' 48 explanation tokens
+
+
 def test_a_mismatched_prompt_section_and_eos_token_fail_naming_both_fields(tmp_path, capsys):
     root = _copy(tmp_path)
     _edit(root, RL, ("prompt.max_title_chars", 100))
