@@ -143,16 +143,20 @@ class StageOutputsMismatch(RuntimeError):
     """A run directory already holds this stage's outputs, written by a different config."""
 
 
-def already_done(run, marker: tuple[str, ...], fingerprint: dict, overwrite: bool, stage: str) -> bool:
+def already_done(run, marker: tuple[str, ...], fingerprint: dict, overwrite: bool, stage: str,
+                 config_cls: type | None = None) -> bool:
     """True when `marker` (a stage's final file) exists and was written by the same config: skip the stage.
 
     The marker JSON must hold the fingerprint under "config". A different fingerprint is an error unless
-    `overwrite` is set, so a rerun never silently mixes outputs of two configs.
+    `overwrite` is set, so a rerun never silently mixes outputs of two configs. With `config_cls`, fields added
+    later that hold their neutral value are compared as absent (rec.config.same_fingerprint).
     """
+    from rec.config import same_fingerprint
+
     if overwrite or not run.exists(*marker):
         return False
     previous = run.read_json(*marker).get("config")
-    if previous == fingerprint:
+    if (same_fingerprint(config_cls, previous, fingerprint) if config_cls else previous == fingerprint):
         log.info("%s: %s already written with this config; skipping (overwrite=true to redo)", stage, "/".join(marker))
         return True
     raise config_mismatch(stage, run.path(*marker), previous or {}, fingerprint)

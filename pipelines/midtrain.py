@@ -273,7 +273,7 @@ def run(cfg: MidtrainConfig) -> dict[str, Any]:
     if cfg.data.packing:
         # checkpoints trained on rows of another packing format (format 1 attended across examples) are not resumed
         fingerprint["packing_format"] = PACKING_FORMAT
-    check_previous("midtrain", run_dir, CKPT_NAME, OUTPUT, fingerprint, cfg.overwrite)
+    check_previous("midtrain", run_dir, CKPT_NAME, OUTPUT, fingerprint, cfg.overwrite, type(cfg))
     check_every_item_has_a_sid(run_dir, items["item_id"], sid_map["item_id"])
 
     tokenizer = prepare_tokenizer(cfg, run_dir, items["text"], levels, codebook_size)

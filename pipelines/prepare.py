@@ -96,7 +96,7 @@ def run(cfg: PrepareConfig) -> dict:
     metadata_path = dataset_dir / DATASET_METADATA
     read = [items_path, sequences_path, *([metadata_path] if metadata_path.is_file() else [])]
     fingerprint = config_fingerprint(cfg, exclude={"run_dir", "overwrite"}) | {"inputs": local_files(read)}
-    if already_done(run_dir, ("data", "report.json"), fingerprint, cfg.overwrite, "prepare"):
+    if already_done(run_dir, ("data", "report.json"), fingerprint, cfg.overwrite, "prepare", type(cfg)):
         return run_dir.read_json("data", "report.json")
     start = time.perf_counter()
     report = DataReport()

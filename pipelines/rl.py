@@ -210,7 +210,7 @@ def run(cfg: RlConfig) -> dict[str, Any]:
     fingerprint = config_fingerprint(cfg, exclude=RESUMABLE_FIELDS) | {"init_digest": model_digest(init),
                                                                        "inputs": stage_inputs(run_dir, "rl")}
     fingerprint["rl"].pop("steps")  # more steps continue the same run
-    check_previous("rl", run_dir, ckpt_name, output, fingerprint, cfg.overwrite)
+    check_previous("rl", run_dir, ckpt_name, output, fingerprint, cfg.overwrite, type(cfg))
     done = read_trainer_state(run_dir, *output)
     if done is not None and done["step"] >= cfg.rl.steps * cfg.rl.updates_per_step and run_dir.exists(*output, REPORT):
         log.info("rl: %s already trained to step %d; nothing to do", run_dir.path(*output), cfg.rl.steps)

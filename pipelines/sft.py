@@ -239,7 +239,7 @@ def run(cfg: SftConfig) -> dict[str, Any]:
         "init_digest": model_digest(init), "examples": len(examples),
         "inputs": stage_inputs(run_dir, "sft", ["/".join(source_file(cfg))]),
     }
-    check_previous("sft", run_dir, ckpt_name, output, fingerprint, cfg.overwrite)
+    check_previous("sft", run_dir, ckpt_name, output, fingerprint, cfg.overwrite, type(cfg))
     steps_per_epoch, total_steps = cfg.train.steps_for(len(train_rows))
     log.info("sft: %d examples from %s (%s); %d train / %d held out; %d steps/epoch, to step %d",
              len(examples), "/".join(source_file(cfg)), counts, len(train_rows), len(eval_rows), steps_per_epoch, total_steps)

@@ -229,7 +229,7 @@ def run(cfg: SidConfig) -> dict:
     run_dir = RunDir.open(cfg.run_dir)
     fingerprint = config_fingerprint(cfg, exclude={"run_dir", "overwrite", "num_cpus"}) | {
         "inputs": stage_inputs(run_dir, "sid")}
-    if already_done(run_dir, ("sid", "report.json"), fingerprint, cfg.overwrite, "sid"):
+    if already_done(run_dir, ("sid", "report.json"), fingerprint, cfg.overwrite, "sid", type(cfg)):
         return run_dir.read_json("sid", "report.json")
     items = run_dir.read_parquet("data", "items.parquet")
     item_ids, encoded, embed_seconds = load_or_embed(run_dir, cfg, items)

@@ -470,17 +470,21 @@ def fit(job: TrainJob, dataset, storage_path: str, name: str, storage_filesystem
 
 
 def check_previous(stage: str, run_dir: RunDir, ckpt_name: str, output: tuple[str, ...], fingerprint: dict,
-                   overwrite: bool) -> None:
+                   overwrite: bool, config_cls: type | None = None) -> None:
     """Refuse to resume or overwrite the checkpoints of a different config (overwrite=true deletes them and the
-    published model instead); record this config next to the checkpoints."""
+    published model instead); record this config next to the checkpoints. With `config_cls` (the stage's config
+    class) a field added later that holds its neutral value matches a fingerprint recorded with or without it."""
     from pipelines.common import config_mismatch
+    from rec.config import same_fingerprint
 
     marker = ("models", ckpt_name, "fingerprint.json")
     if overwrite:
         for parts in (("models", ckpt_name), output):
             if run_dir.exists(*parts):
                 run_dir.fs.delete_dir(run_dir.path(*parts))
-    elif run_dir.exists(*marker) and run_dir.read_json(*marker) != fingerprint:
+    elif run_dir.exists(*marker) and not (
+            same_fingerprint(config_cls, run_dir.read_json(*marker), fingerprint) if config_cls
+            else run_dir.read_json(*marker) == fingerprint):
         raise config_mismatch(stage, run_dir.path(*marker), run_dir.read_json(*marker), fingerprint)
     run_dir.write_json(fingerprint, *marker)
 

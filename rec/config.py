@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,9 +26,14 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """A nested config section: unknown keys are errors, field docstrings document the YAML."""
+    """A nested config section: unknown keys are errors, field docstrings document the YAML.
+
+    `ADDED_LATER` names fields added after run directories were recorded, with the value that behaves as before the
+    field existed: `config_fingerprint` leaves such a field out while it holds that value, so an older run's outputs
+    still match (and a different value is a real change)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    ADDED_LATER: ClassVar[dict[str, Any]] = {}
 
 
 class StageConfig(Section):
@@ -118,5 +123,30 @@ def validate_config(cls: type[C], data: dict[str, Any], overrides: list[str], so
 
 
 def config_fingerprint(config: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:
-    """The fields that determine a stage's output, for detecting a run_dir written by another config."""
-    return config.model_dump(mode="json", exclude=exclude or set())
+    """The fields that determine a stage's output, for detecting a run_dir written by another config; a field of
+    a section's `ADDED_LATER` is left out while it holds its neutral value (tests/test_config.py)."""
+    return without_neutral(type(config), config.model_dump(mode="json", exclude=exclude or set()))
+
+
+def without_neutral(cls: type[BaseModel], data: Any) -> Any:
+    """`data` (a fingerprint of a `cls` config, or one recorded by an older version) without the `ADDED_LATER`
+    fields that hold their neutral value, at any depth of nested sections: compare stored fingerprints through it
+    (`same_fingerprint`), so runs recorded before or after a field was added both match a config that leaves it
+    neutral."""
+    if not isinstance(data, dict):
+        return data
+    added_later = getattr(cls, "ADDED_LATER", {})
+    out = {}
+    for name, value in data.items():
+        if name in added_later and value == added_later[name]:
+            continue
+        field = cls.model_fields.get(name)
+        inner = field.annotation if field is not None else None
+        out[name] = without_neutral(inner, value) if isinstance(inner, type) and issubclass(inner, BaseModel) \
+            else value
+    return out
+
+
+def same_fingerprint(cls: type[BaseModel], previous: dict | None, current: dict) -> bool:
+    """Whether a stored fingerprint and this config's are the same config (neutral `ADDED_LATER` fields aside)."""
+    return previous is not None and without_neutral(cls, previous) == without_neutral(cls, current)

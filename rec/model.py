@@ -58,6 +58,8 @@ CHAT_TEMPLATE = (
 class ModelSection(Section):
     """Which student to train: a hub id / local path, or (when `name_or_path` is null) a tiny Qwen3 from dims."""
 
+    ADDED_LATER = {"dropout": 0.0}
+
     name_or_path: str | None = None
     """HF hub id or local directory of a causal LM (GPU presets: Qwen/Qwen3-8B); null builds the tiny model."""
     tokenizer_vocab_size: int = Field(default=8192, ge=300)

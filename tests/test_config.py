@@ -79,3 +79,27 @@ def test_local_ray_keeps_a_cpu_for_ray_data_tasks():
     assert local_cpus(8, 2.0, "2 actors") == 8
     with pytest.raises(ConfigError, match="num_cpus=2 leaves no CPU for Ray Data's own tasks"):
         local_cpus(2, 2.0, "the encoder actors")
+
+
+def test_a_field_added_later_at_its_neutral_value_matches_runs_recorded_with_or_without_it(tmp_path):
+    """`model.dropout` came after run directories were recorded: at 0.0 it is left out of the fingerprint, and a
+    stored fingerprint that has it at 0.0 (recorded between) or lacks it (recorded before) is the same config."""
+    from pipelines.midtrain import MidtrainConfig
+    from pipelines.train_utils import check_previous
+    from rec.config import config_fingerprint, same_fingerprint
+    from rec.io import RunDir
+
+    yaml_file = CONFIG_ROOT / "tiny_full" / "midtrain.yaml"
+    plain = config_fingerprint(load_config(MidtrainConfig, yaml_file))
+    dropped = config_fingerprint(load_config(MidtrainConfig, yaml_file, ["model.dropout=0.2"]))
+    assert "dropout" not in plain["model"] and dropped["model"]["dropout"] == 0.2
+    between = {**plain, "model": {**plain["model"], "dropout": 0.0}}
+    assert same_fingerprint(MidtrainConfig, between, plain) and same_fingerprint(MidtrainConfig, plain, plain)
+    assert not same_fingerprint(MidtrainConfig, dropped, plain) and not same_fingerprint(MidtrainConfig, None, plain)
+    assert not same_fingerprint(MidtrainConfig, {**plain, "model": {**plain["model"], "num_layers": 3}}, plain)
+    run_dir = RunDir.open(str(tmp_path / "run"))
+    run_dir.write_json(between, "models", "ckpt", "fingerprint.json")
+    check_previous("midtrain", run_dir, "ckpt", ("models", "out"), plain, False, MidtrainConfig)  # resumes
+    run_dir.write_json(dropped, "models", "ckpt", "fingerprint.json")
+    with pytest.raises(RuntimeError, match="fields differ: model"):
+        check_previous("midtrain", run_dir, "ckpt", ("models", "out"), plain, False, MidtrainConfig)
