@@ -156,7 +156,7 @@ def already_done(run, marker: tuple[str, ...], fingerprint: dict, overwrite: boo
     if overwrite or not run.exists(*marker):
         return False
     previous = run.read_json(*marker).get("config")
-    if (same_fingerprint(config_cls, previous, fingerprint) if config_cls else previous == fingerprint):
+    if same_fingerprint(config_cls, previous, fingerprint):
         log.info("%s: %s already written with this config; skipping (overwrite=true to redo)", stage, "/".join(marker))
         return True
     raise config_mismatch(stage, run.path(*marker), previous or {}, fingerprint)

@@ -482,10 +482,10 @@ def check_previous(stage: str, run_dir: RunDir, ckpt_name: str, output: tuple[st
         for parts in (("models", ckpt_name), output):
             if run_dir.exists(*parts):
                 run_dir.fs.delete_dir(run_dir.path(*parts))
-    elif run_dir.exists(*marker) and not (
-            same_fingerprint(config_cls, run_dir.read_json(*marker), fingerprint) if config_cls
-            else run_dir.read_json(*marker) == fingerprint):
-        raise config_mismatch(stage, run_dir.path(*marker), run_dir.read_json(*marker), fingerprint)
+    elif run_dir.exists(*marker):
+        previous = run_dir.read_json(*marker)
+        if not same_fingerprint(config_cls, previous, fingerprint):
+            raise config_mismatch(stage, run_dir.path(*marker), previous, fingerprint)
     run_dir.write_json(fingerprint, *marker)
 
 

@@ -133,7 +133,7 @@ def without_neutral(cls: type[BaseModel], data: Any) -> Any:
     fields that hold their neutral value, at any depth of nested sections: compare stored fingerprints through it
     (`same_fingerprint`), so runs recorded before or after a field was added both match a config that leaves it
     neutral."""
-    if not isinstance(data, dict):
+    if cls is None or not isinstance(data, dict):
         return data
     added_later = getattr(cls, "ADDED_LATER", {})
     out = {}
@@ -147,6 +147,7 @@ def without_neutral(cls: type[BaseModel], data: Any) -> Any:
     return out
 
 
-def same_fingerprint(cls: type[BaseModel], previous: dict | None, current: dict) -> bool:
-    """Whether a stored fingerprint and this config's are the same config (neutral `ADDED_LATER` fields aside)."""
+def same_fingerprint(cls: type[BaseModel] | None, previous: dict | None, current: dict) -> bool:
+    """Whether a stored fingerprint and this config's are the same config (neutral `ADDED_LATER` fields aside;
+    `cls` None: plain equality)."""
     return previous is not None and without_neutral(cls, previous) == without_neutral(cls, current)
