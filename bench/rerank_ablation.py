@@ -61,7 +61,8 @@ SOURCES = ("reject", "target", "promoted")
 NO_EXPLANATION = ("sampling.max_explanation_tokens=0",)
 # (key in the results, table column, decimals)
 COLUMNS = (("ndcg@5", "N@5", 4), ("ndcg@10", "N@10", 4), ("recall@1", "R@1", 4), ("identity_rate", "identity", 4),
-           ("invalid_rate", "invalid", 4), ("train_s", "train s", 0), ("eval_s", "eval s", 0))
+           ("invalid_rate", "invalid", 4), ("order_tau", "tau", 3), ("first_pick_ndcg@5", "pick N@5", 4),
+           ("train_s", "train s", 0), ("eval_s", "eval s", 0))
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,8 @@ def collect(run_dir: RunDir, chosen: list[Variant], preset: str, seconds: dict[s
         rows[variant.name] = {
             "lever": variant.lever, "model": variant.model, "orders": variant.orders,
             **{key: metrics[key] for key in ("recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5", "ndcg@10", "mrr",
-                                             "identity_rate", "invalid_rate", "mean_generated_tokens", "rows")},
+                                             "identity_rate", "invalid_rate", "order_tau", "first_pick_ndcg@5",
+                                             "random_order_ndcg@5", "mean_generated_tokens", "rows")},
             "train_s": train_seconds(run_dir, variant.model), "eval_s": seconds.get(variant.name),
             "val_curve": val_curve(run_dir, variant.model),
             "commands": [shlex.join(c) for c in commands(variant, preset, run_dir.root)],
@@ -211,13 +213,19 @@ def markdown(results: dict[str, Any]) -> str:
              "| variant | lever | " + " | ".join(column for _, column, _ in COLUMNS) + " |",
              "|---|---|" + "---:|" * len(COLUMNS)]
     for name, row in results["variants"].items():
-        cells = ["-" if row[key] is None else f"{row[key]:.{decimals}f}" for key, _, decimals in COLUMNS]
+        cells = ["-" if row.get(key) is None else f"{row[key]:.{decimals}f}" for key, _, decimals in COLUMNS]
         lines.append(f"| {name} | {row['lever']} | " + " | ".join(cells) + " |")
     lines += ["", "Every row re-ranks the same lists (constrained greedy answers, the preset's evaluate config). "
                   "`identity` = valid answers equal to the pre-rank order / rows (of the aggregated ranking under "
-                  "self-consistency); `invalid` = answers that fell back to the pre-rank order. `train s` = the "
+                  "self-consistency); `invalid` = answers that fell back to the pre-rank order; `tau` = mean "
+                  "Kendall tau of the valid answers against the pre-rank order (1 keeps it, ~0 unrelated); `pick N@5` "
+                  "= N@5 of the pre-rank order with only the variant's first item moved to the front (its choice of "
+                  "the next item, the rest of the order kept). `train s` = the "
                   "stage's own time for that model (shared by the rows that evaluate it), `eval s` = the evaluation's "
                   "wall time in this driver (`-`: evaluated elsewhere). Commands per row in the json."]
+    random = [row["random_order_ndcg@5"] for row in results["variants"].values() if row.get("random_order_ndcg@5")]
+    if random:
+        lines.append(f"A random order of these lists scores N@5 {random[0]:.4f} in expectation.")
     if results["not_evaluated"]:
         lines.append(f"Not evaluated yet: {', '.join(results['not_evaluated'])}.")
     return "\n".join(lines) + "\n"

@@ -58,9 +58,10 @@ from rec.config import ConfigError, Section, config_fingerprint
 from rec.consistency import AGGREGATES, candidate_orders
 from rec.data import DataError
 from rec.io import RunDir
-from rec.metrics import ranking_metrics, target_ranks
+from rec.metrics import ndcg_at_k, order_agreement, random_order_ndcg, ranking_metrics, target_ranks
 from rec.rerank import RerankPromptSection, RerankSamplingSection, eos_token_id
 from rec.rerank_settings import RerankSettings, check_lengths, load_model_settings, model_rerank_settings
+from rec.sft_data import promoted_ranking
 
 log = logging.getLogger("gr2.evaluate")
 
@@ -74,7 +75,8 @@ METRIC_KEYS = ("recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5", "ndcg@10"
 # (metrics.json key, table.md column, decimals)
 TABLE_COLUMNS = (("recall@1", "R@1", 4), ("recall@3", "R@3", 4), ("recall@5", "R@5", 4), ("ndcg@3", "N@3", 4),
                  ("ndcg@5", "N@5", 4), ("ndcg@10", "N@10", 4), ("invalid_rate", "invalid", 4),
-                 ("identity_rate", "identity", 4), ("mean_generated_tokens", "tokens", 1), ("rows", "rows", 0))
+                 ("identity_rate", "identity", 4), ("order_tau", "tau", 3), ("first_pick_ndcg@5", "pick N@5", 4),
+                 ("mean_generated_tokens", "tokens", 1), ("rows", "rows", 0))
 WRITERS = (("midtrain", "the midtrain stage"), ("sft", "the sft stage"), ("rl", "the rl stage"))
 
 
@@ -378,6 +380,12 @@ def model_metrics(table: pa.Table) -> dict[str, Any]:
 
     `identity_rate` counts only VALID answers equal to the incoming order (over all rows): an invalid answer also
     ends in the incoming order, but by fallback, and is counted in `invalid_rate` instead.
+
+    Diagnostics of how a model moves the list: `order_tau`, the mean Kendall tau of the valid answers against the
+    incoming order (1 keeps it, ~0 unrelated; None without a valid answer); `first_pick_ndcg@5`, the NDCG@5 the
+    incoming order would score with only the final ranking's first item moved to the front (the model's choice of
+    the next item, with the rest of the order kept); `random_order_ndcg@5`, what a random order of the same lists
+    scores in expectation.
     """
     rankings = table.column("ranking").to_pylist()
     ranked = np.full((len(rankings), max(map(len, rankings), default=1)), -1, dtype=np.int64)
@@ -388,10 +396,19 @@ def model_metrics(table: pa.Table) -> dict[str, Any]:
     incoming = table.column("candidates").to_pylist()
     identity = np.array([r == c for r, c in zip(rankings, incoming)], dtype=bool)
     reasons = Counter(r for r in table.column("reason").to_pylist() if r is not None)
+    taus = [order_agreement(r, c) for r, c, v in zip(rankings, incoming, valid) if v]
+    targets = table.column("target").to_numpy()
+    first_picks = [promoted_ranking(c, r[0]) for r, c in zip(rankings, incoming)]
+    picked = np.full_like(ranked, -1)
+    for row, ranking in enumerate(first_picks):
+        picked[row, : len(ranking)] = ranking
     return {
         **{key: full[key] for key in METRIC_KEYS},
         "invalid_rate": float(np.mean(~valid)),
         "identity_rate": float(np.mean(valid & identity)),
+        "order_tau": float(np.mean(taus)) if taus else None,
+        "first_pick_ndcg@5": ndcg_at_k(target_ranks(picked, targets), 5),
+        "random_order_ndcg@5": random_order_ndcg(np.array([len(c) for c in incoming]), 5),
         "invalid_reasons": dict(sorted(reasons.items())),
         "mean_generated_tokens": float(np.mean(table.column("generated_tokens").to_numpy())),
         "rows": table.num_rows,
@@ -405,7 +422,8 @@ def markdown_table(cfg: EvaluateConfig, metrics: dict[str, dict], dropped: dict[
     lines = [f"## Re-ranking evaluation: {cfg.split} split", "", header,
              "|---|" + "---:|" * len(TABLE_COLUMNS)]
     for name, values in metrics.items():
-        cells = [f"{values[key]:.{decimals}f}" if decimals else str(values[key]) for key, _, decimals in TABLE_COLUMNS]
+        cells = ["-" if values[key] is None else f"{values[key]:.{decimals}f}" if decimals else str(values[key])
+                 for key, _, decimals in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     rows = next(iter(metrics.values()))["rows"]
     inserted = dropped["rows_target_inserted"]
@@ -415,7 +433,10 @@ def markdown_table(cfg: EvaluateConfig, metrics: dict[str, dict], dropped: dict[
                   + (f"; {dropped['rows_without_target']} lists without it left out." if not cfg.insert_missing_target
                      else "."),
               "Invalid answers fall back to the pre-rank order and count in `invalid`; `identity` = valid answers "
-              "equal to the pre-rank order / rows; `tokens` = mean generated tokens per row.",
+              "equal to the pre-rank order / rows; `tau` = mean Kendall tau of the valid answers against the "
+              "pre-rank order; `pick N@5` = N@5 of the pre-rank order with only the model's first item moved to the "
+              f"front; a random order of these lists scores N@5 {next(iter(metrics.values()))['random_order_ndcg@5']:.4f} "
+              "in expectation; `tokens` = mean generated tokens per row.",
               f"Command: `{command}`",
               "Config: `" + json.dumps(cfg.model_dump(mode="json", exclude={"overwrite"}), sort_keys=True) + "`", ""]
     return "\n".join(lines)

@@ -72,3 +72,35 @@ def ranking_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (1, 3, 5, 10)) -> d
     out["mrr"] = mrr(ranks)
     out["users"] = int(np.asarray(ranks).size)
     return out
+
+
+def order_agreement(ranking: list[int], reference: list[int]) -> float:
+    """Kendall's tau between two orders of the same items: 1 the same order, -1 reversed, ~0 unrelated (1 for a
+    list of fewer than two items).
+
+    >>> order_agreement([1, 2, 3], [1, 2, 3]), order_agreement([3, 2, 1], [1, 2, 3]), order_agreement([2, 1, 3], [1, 2, 3])
+    (1.0, -1.0, 0.3333333333333333)
+    """
+    if sorted(ranking) != sorted(reference):
+        raise ValueError(f"{list(ranking)} and {list(reference)} are not orders of the same items")
+    position = {item: n for n, item in enumerate(reference)}
+    seq = [position[item] for item in ranking]
+    pairs = len(seq) * (len(seq) - 1) // 2
+    if pairs == 0:
+        return 1.0
+    concordant = sum(seq[i] < seq[j] for i in range(len(seq)) for j in range(i + 1, len(seq)))
+    return (2 * concordant - pairs) / pairs
+
+
+def random_order_ndcg(list_lengths: np.ndarray, k: int) -> float:
+    """Mean NDCG@k that a uniformly random order of each list scores in expectation, when every list holds its one
+    target: (1/n) * sum over the first min(k, n) positions of 1/log2(position + 2), averaged over the lists.
+
+    >>> round(random_order_ndcg(np.array([2, 10]), 5), 4)   # (0.8155 for 2 items + 0.2949 for 10) / 2
+    0.5552
+    """
+    lengths = _check(np.asarray(list_lengths), k)
+    if (lengths < 1).any():
+        raise ValueError("every list needs at least one item")
+    gains = np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))
+    return float(np.mean(gains[np.minimum(lengths, k) - 1] / lengths))

@@ -41,7 +41,8 @@ TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "evaluate.yaml"
 SMALL_PROMPTS = ["engine.max_model_len=1024", "prompt.history_token_budget=40", "prompt.max_title_chars=16",
                  "sampling.max_tokens=64", "sampling.constrained=false"]
 METRIC_KEYS = {"recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5", "ndcg@10", "mrr", "invalid_rate",
-               "identity_rate", "invalid_reasons", "mean_generated_tokens", "rows", "target_inserted_rows"}
+               "identity_rate", "order_tau", "first_pick_ndcg@5", "random_order_ndcg@5", "invalid_reasons",
+               "mean_generated_tokens", "rows", "target_inserted_rows"}
 
 
 def _config(run_dir, *overrides: str) -> EvaluateConfig:
@@ -147,6 +148,22 @@ def test_metrics_of_hand_made_rankings_count_fallbacks_as_invalid_not_identity()
     assert m["identity_rate"] == 0.25  # row 2 only: rows 3 and 4 end in the incoming order by fallback
     assert m["invalid_rate"] == 0.5 and m["invalid_reasons"] == {"prompt_too_long": 1, "truncated": 1}
     assert m["mean_generated_tokens"] == 15.0 and m["rows"] == 4 and m["target_inserted_rows"] == 1
+    # the valid answers' agreement with the incoming order: row 1 swaps one of 3 pairs (tau 1/3), row 2 keeps it
+    assert math.isclose(m["order_tau"], (1 / 3 + 1) / 2)
+    # only the first item moved: row 1 picks 1 (its target) -> [1, 3, 2]; the others keep the incoming order
+    assert math.isclose(m["first_pick_ndcg@5"], (1 + 1 / math.log2(4) + 1 / math.log2(3) + 1) / 4)
+    assert math.isclose(m["random_order_ndcg@5"], (1 + 1 / math.log2(3) + 1 / math.log2(4)) / 3)
+
+
+def test_first_pick_diagnostic_keeps_the_incoming_order_behind_the_models_first_item():
+    # a model that names the target first but scrambles the rest scores 1 either way; one that names a wrong first
+    # item and reverses the rest loses more than the first pick alone costs
+    table = _rows(rankings=[[9, 8, 7], [3, 2, 1]], valid=[True, True], reasons=[None, None], targets=[9, 1],
+                  candidates=[[7, 8, 9], [1, 2, 3]], tokens=[0, 0], inserted=[False, False])
+    m = model_metrics(table)
+    assert m["order_tau"] == -1.0 and m["identity_rate"] == 0.0
+    assert math.isclose(m["ndcg@5"], (1 + 1 / math.log2(4)) / 2)
+    assert math.isclose(m["first_pick_ndcg@5"], (1 + 1 / math.log2(3)) / 2)  # [9, 7, 8] and [3, 1, 2]
 
 
 class FakePrompts:
@@ -302,9 +319,10 @@ def test_ablation_table_has_a_row_per_evaluated_variant_with_the_asked_columns(t
                             "rl": row}}
     ablation.write_results(results, tmp_path / "rerank_ablation_tiny_full")
     table = (tmp_path / "rerank_ablation_tiny_full.md").read_text()
-    assert "| variant | lever | N@5 | N@10 | R@1 | identity | invalid | train s | eval s |" in table
-    assert "| prerank | pre-rank order | 0.4670 | 0.5731 | 0.2605 | 1.0000 | 0.0000 | - | - |" in table
-    assert "| rl | RL from SFT | 0.3293 | 0.4735 | 0.1177 | 0.0000 | 0.0000 | 558 | - |" in table
+    assert ("| variant | lever | N@5 | N@10 | R@1 | identity | invalid | tau | pick N@5 | train s | eval s |"
+            in table)
+    assert "| prerank | pre-rank order | 0.4670 | 0.5731 | 0.2605 | 1.0000 | 0.0000 | - | - | - | - |" in table
+    assert "| rl | RL from SFT | 0.3293 | 0.4735 | 0.1177 | 0.0000 | 0.0000 | - | - | 558 | - |" in table
     assert "1478 test lists" in table and "Not evaluated yet: rl_long." in table
     assert json.loads((tmp_path / "rerank_ablation_tiny_full.json").read_text()) == results
 
@@ -322,11 +340,13 @@ def test_ablation_results_come_from_the_rows_files_and_must_share_the_test_lists
     assert list(results["variants"]) == ["prerank", "rl"] and results["not_evaluated"] == ["rl_zero"]
     rl = results["variants"]["rl"]
     assert (rl["recall@1"], rl["identity_rate"], rl["eval_s"], rl["train_s"], rl["rows"]) == (0.5, 0.5, 12.5, None, 2)
+    assert rl["order_tau"] == 0.0 and math.isclose(rl["first_pick_ndcg@5"], (1 + 1 / math.log2(3)) / 2)
     assert rl["commands"][-1].startswith("python -m pipelines.evaluate")
     run_dir.write_parquet(rows, "eval", "rows_rl_promoted.parquet")  # a row of another source's run
     assert ablation.main(["--run-dir", run_dir.root, "--only", "prerank", "--out", str(tmp_path / "t")]) == 0
     written = json.loads((tmp_path / "t.json").read_text())
     assert list(written["variants"]) == ["prerank", "rl", "rl_promoted"] and written["not_evaluated"] == []
+    assert "A random order of these lists scores N@5 0.8155 in expectation." in (tmp_path / "t.md").read_text()
     assert written["variants"]["rl_promoted"]["lever"] == "RL from sft_promoted"
     run_dir.write_parquet(rows.slice(0, 1), "eval", "rows_rl.parquet")
     with pytest.raises(ValueError, match="different test lists"):
