@@ -400,3 +400,33 @@ def test_stage_on_a_real_ray_pool_resumes_skips_and_refuses_another_config(tmp_p
     assert Path(run_dir.local_path("eval", "rows_random.parquet")).stat().st_mtime_ns == written
     with pytest.raises(StageOutputsMismatch, match="rows_random.parquet .*fields differ: sampling"):
         run(_config(run_dir.root, *overrides, "sampling.max_tokens=32"))
+
+
+def test_prompt_transfer_scores_each_candidate_as_the_first_answer_item_of_every_layout(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import prompt_transfer
+    import torch
+
+    from rec.model import load_student
+
+    assert prompt_transfer.answer_opening() == '{"explanation": "", "recommendations": ["'
+    run_dir = make_prerank_run_dir(tmp_path / "run", max_users=40)
+    table = write_candidates(run_dir, rows=6, split="test")
+    # batched scores (right-padded) are each candidate's own teacher-forced log-probability
+    tokenizer, model = load_student(run_dir.local_path("models", "midtrain"), dtype=torch.float32)
+    prefix, candidates = [5, 6, 7], [[8, 9], [10], [11, 12, 13]]
+    batched = prompt_transfer.candidate_scores(model, tokenizer, prefix, candidates)
+    for n, c in enumerate(candidates):
+        with torch.no_grad():
+            logprobs = model(input_ids=torch.tensor([prefix + c])).logits.log_softmax(-1)[0]
+        alone = sum(logprobs[len(prefix) - 1 + j, t].item() for j, t in enumerate(c))
+        assert math.isclose(batched[n], alone, rel_tol=1e-4, abs_tol=1e-4)
+    assert prompt_transfer.main(["--run-dir", run_dir.root, "--rows", "4", "--threads", "1",
+                                 "--out", str(tmp_path / "pt")]) == 0
+    results = json.loads((tmp_path / "pt.json").read_text())
+    first = table.slice(0, 4).to_pylist()
+    assert results["rows"] == 4 and set(results["recall@1"]) == set(prompt_transfer.LAYOUTS)
+    assert results["prerank_recall@1"] == sum(r["candidates"][0] == r["target"] for r in first) / 4
+    assert results["random_recall@1"] == 0.1
+    assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in results["recall@1"].values())
+    assert "| rerank_prompt_midhist |" in (tmp_path / "pt.md").read_text()
