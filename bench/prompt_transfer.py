@@ -9,6 +9,7 @@ on the same lists (its first candidate) and a random pick's (1 / list length):
 |---|---|
 | next_item | mid-training's next-item prompt (`Purchase history:` + the history SIDs), what the pre-ranker scores |
 | candidates_next_item | the candidate lines (SID + title), then the next-item prompt; no chat template, no JSON |
+| candidates_next_item_json | the same, then the answer's JSON opening (`{"explanation": "", "recommendations": ["`) |
 | chat_candidates_next_item | the same text as the user turn of the chat template, then the answer's JSON opening |
 | rerank_prompt | the re-rank prompt (rec.rerank.PromptBuilder, history as numbered SID + title lines) + JSON opening |
 | rerank_prompt_midhist | the re-rank prompt with `history_format: midtrain` + the answer's JSON opening |
@@ -36,7 +37,8 @@ from pipelines.common import REPO_ROOT  # noqa: E402
 from rec.io import RunDir  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
-LAYOUTS = ("next_item", "candidates_next_item", "chat_candidates_next_item", "rerank_prompt", "rerank_prompt_midhist")
+LAYOUTS = ("next_item", "candidates_next_item", "candidates_next_item_json", "chat_candidates_next_item", "rerank_prompt",
+           "rerank_prompt_midhist")
 
 
 def answer_opening() -> str:
@@ -67,6 +69,7 @@ def layout_prefixes(row: dict, builders: dict, tokenizer, history_items: int) ->
     return {
         "next_item": encode(next_item),
         "candidates_next_item": encode(listed + "\n\n" + next_item),
+        "candidates_next_item_json": encode(listed + "\n\n" + next_item) + opening,
         "chat_candidates_next_item": encode(chat) + opening,
         "rerank_prompt": builders["rerank"].prompt(row["history"], row["candidates"])[1] + opening,
         "rerank_prompt_midhist": builders["midtrain"].prompt(row["history"], row["candidates"])[1] + opening,

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field, model_serializer
+from pydantic import Field, model_serializer, model_validator
 
 from rec.config import ConfigError, Section
 
@@ -53,6 +53,9 @@ TARGET_HINT = (
 # History formats (RerankPromptSection.history_format).
 RERANK_HISTORY = "rerank"
 MIDTRAIN_HISTORY = "midtrain"
+# Prompt layouts (RerankPromptSection.layout).
+CHAT_LAYOUT = "chat"
+NEXT_ITEM_LAYOUT = "next_item"
 
 # Invalid-answer reasons, counted by the traces stage and the evaluation.
 NO_ANSWER = "no_answer"
@@ -147,6 +150,40 @@ def build_messages(
         lines += ["", TARGET_HINT.format(sid=target.sid, title=escape_text(target.title, max_title_chars))]
     lines += ["", INSTRUCTION.replace("{n}", str(len(candidates)))]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def build_next_item_text(
+    history: Sequence[Item],
+    candidates: Sequence[Item],
+    *,
+    target: Item | None = None,
+    priming: str | None = None,
+    count_tokens: Callable[[str], int] = lambda text: len(text.split()),
+    history_token_budget: int | None = None,
+    max_title_chars: int | None = 120,
+) -> str:
+    """The `next_item` layout's prompt: plain text, no chat template and no instruction. The candidate lines come
+    first, then any priming and target hint, and last the history as mid-training's next-item sequence, so that the
+    answer's first SID continues the sequence the mid-trained model learned to continue.
+
+    >>> items = [Item("<|sid_begin|><s_a_1><|sid_end|>", "Red lipstick"), Item("<|sid_begin|><s_a_2><|sid_end|>", "Mascara")]
+    >>> print(build_next_item_text(items[:1], items[1:]))
+    Candidates:
+    1. <|sid_begin|><s_a_2><|sid_end|> Mascara
+    <BLANKLINE>
+    Purchase history:<|sid_begin|><s_a_1><|sid_end|>
+    """
+    from rec.midtrain_data import NEXT_ITEM_PREFIX
+
+    if not candidates:
+        raise ValueError("a re-rank prompt needs at least one candidate")
+    kept = fit_history(history, count_tokens, history_token_budget, None, text_of=lambda item: item.sid)
+    lines = ["Candidates:"] + [f"{n}. {_line(item, max_title_chars)}" for n, item in enumerate(candidates, 1)]
+    if priming:
+        lines += ["", priming.strip()]
+    if target is not None:
+        lines += ["", TARGET_HINT.format(sid=target.sid, title=escape_text(target.title, max_title_chars))]
+    return "\n".join(lines + ["", NEXT_ITEM_PREFIX + "".join(item.sid for item in kept)])
 
 
 def format_answer(explanation: str, ranking_sids: Sequence[str]) -> str:
@@ -281,12 +318,27 @@ class RerankPromptSection(Section):
     rec.midtrain_data.next_item_prompt_ids writes it), so that what the mid-trained model learned about the next
     item carries over. Candidates are written the same way in both."""
 
+    layout: Literal["chat", "next_item"] = CHAT_LAYOUT
+    """`chat`: the instruction, history and candidates as a chat (system + user turn, the tokenizer's chat template).
+    `next_item`, for a student mid-trained on SIDs but never chat-tuned (the tiny presets): plain text, the candidate
+    lines first and the history last as mid-training's next-item sequence, so the answer's first SID continues what
+    the model learned (rec.rerank.build_next_item_text; needs `history_format: midtrain`). The answer is the same
+    JSON either way (bench/prompt_transfer.py measures what each layout keeps of the mid-trained knowledge)."""
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> RerankPromptSection:
+        if self.layout == NEXT_ITEM_LAYOUT and self.history_format != MIDTRAIN_HISTORY:
+            raise ValueError(f"prompt.layout={NEXT_ITEM_LAYOUT} writes the history as mid-training did: set "
+                             f"prompt.history_format={MIDTRAIN_HISTORY}")
+        return self
+
     @model_serializer(mode="wrap")
     def _leave_out_defaults_added_later(self, handler):
         # fields added after runs were recorded are left out at their default: the fingerprints of those runs (traces,
         # sft, rl, evaluate) and the gr2_rerank.json of their models stay what they were
         data = handler(self)
-        for name, default in (("shuffle_candidates", False), ("history_format", RERANK_HISTORY)):
+        for name, default in (("shuffle_candidates", False), ("history_format", RERANK_HISTORY),
+                              ("layout", CHAT_LAYOUT)):
             if getattr(self, name) == default:
                 data.pop(name, None)
         return data
@@ -360,7 +412,16 @@ class PromptBuilder:
         return cls(tokenizer, *catalogue(run_dir), section)
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> tuple[str, list[int]]:
-        """(chat text up to the assistant turn, its token ids)."""
+        """(the text the answer follows: the chat up to the assistant turn, or the `next_item` layout's plain text;
+        its token ids)."""
+        s = self.section
+        if s.layout == NEXT_ITEM_LAYOUT:
+            text = build_next_item_text(
+                [self.item(i) for i in history], [self.item(i) for i in self.shown_order(history, candidates)],
+                target=self.item(target) if target is not None else None, priming=s.priming,
+                count_tokens=self.count_tokens, history_token_budget=s.history_token_budget,
+                max_title_chars=s.max_title_chars)
+            return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
         text = self.tokenizer.apply_chat_template(self.messages(history, candidates, target), tokenize=False,
                                                   add_generation_prompt=True, **self.section.chat_template_kwargs)
         return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]

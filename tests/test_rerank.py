@@ -234,6 +234,35 @@ def test_the_midtrain_history_format_writes_the_next_item_sequence_mid_training_
     assert any(prompt_ids[i:i + len(seen)] == seen for i in range(len(prompt_ids)))  # the very same token ids
 
 
+def test_the_next_item_layout_ends_the_prompt_with_the_sequence_mid_training_continued(tiny, tiny_run):
+    """No chat template and no instruction: the candidate lines, then the history's SIDs with mid-training's token ids,
+    as the very last tokens before the answer; the default layout's records stay as they were."""
+    from beam_fixtures import load_encoder
+
+    from rec.midtrain_data import next_item_prompt_ids
+
+    tokenizer, _ = tiny
+    sid_of, title_of = catalogue(tiny_run)
+    items = sorted(sid_of)
+    history, candidates = items[:30], items[30:40]
+    per_sid = len(tokenizer(sid_of[history[0]], add_special_tokens=False)["input_ids"])
+    section = RerankPromptSection(history_format="midtrain", layout="next_item", history_token_budget=per_sid * 12)
+    builder = PromptBuilder(tokenizer, sid_of, title_of, section)
+    text, prompt_ids = builder.prompt(history, candidates)
+    assert text.startswith("Candidates:\n1. " + sid_of[candidates[0]])
+    assert "<|im_start|>" not in text and "JSON" not in text
+    assert all(f"{n}. {sid_of[i]}" in text for n, i in enumerate(candidates, 1))
+    assert text.endswith("Purchase history:" + "".join(sid_of[i] for i in history[-12:]))
+    seen = next_item_prompt_ids(load_encoder(tiny_run, tokenizer), history[-12:])
+    sids = seen[len(load_encoder(tiny_run, tokenizer).next_item_prefix):]
+    assert prompt_ids[-len(sids):] == sids  # the history's SID tokens end the prompt, as mid-training wrote them
+    with_target = builder.prompt(history, candidates, target=candidates[3])[0]
+    assert with_target.index("actually bought") < with_target.index("Purchase history:")
+    assert "layout" not in RerankPromptSection().model_dump() and section.model_dump()["layout"] == "next_item"
+    with pytest.raises(ValueError, match="history_format=midtrain"):
+        RerankPromptSection(layout="next_item")
+
+
 def test_length_check_refuses_a_reader_that_would_cut_the_trained_answers_and_names_both_fields():
     from rec.rerank import RerankPromptSection
     from rec.rerank_settings import RerankLengths, RerankSettings, check_lengths, prompt_token_estimate
