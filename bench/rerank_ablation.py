@@ -21,6 +21,7 @@ source evaluated in the run dir so far, so runs of different sources and `--only
 | sft_reject_noexp | sft_reject answering without an explanation (`sampling.max_explanation_tokens=0`) |
 | sft_reject_sc4 | sft_reject with permutation self-consistency over 4 orders (Borda) |
 | sft_reject_midhist | SFT with the history written as mid-training saw it (`prompt.history_format=midtrain`) |
+| sft_reject_nextitem | SFT on plain-text prompts that end in mid-training's next-item sequence (`prompt.layout=next_item`) |
 | rl | RL from sft_reject, the preset's steps (200) |
 | rl_shuffle | RL from sft_reject_shuffle (its prompt, shuffled, travels with the model into the rollouts) |
 | rl_zero | RL from midtrain (no SFT) |
@@ -28,6 +29,7 @@ source evaluated in the run dir so far, so runs of different sources and `--only
 | rl_noexp | RL from sft_reject without explanations, in training and evaluation |
 | rl_sc4 | rl with self-consistency over 4 orders |
 | rl_midhist | RL from sft_reject_midhist |
+| rl_nextitem | RL from sft_reject_nextitem |
 
 Writes bench/results/rerank_ablation_<run dir name>.{md,json}: per variant N@5, N@10, R@1, identity and invalid
 rates, the training seconds of its model (its sft_report / rl_report) and the driver's evaluation seconds (kept in
@@ -104,6 +106,7 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4) ->
               else f"SFT ({source} traces)")
     shuffle_sft = train_sft(f"{sft}_shuffle", "prompt.shuffle_candidates=true")
     midhist_sft = train_sft(f"{sft}_midhist", "prompt.history_format=midtrain")
+    nextitem_sft = train_sft(f"{sft}_nextitem", "prompt.history_format=midtrain", "prompt.layout=next_item")
     return [
         Variant("prerank", "pre-rank order", None),
         Variant(sft, f"{taught}, candidates in pre-rank order", sft, (base_sft,)),
@@ -112,6 +115,8 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4) ->
         Variant(f"{sft}_sc{orders}", f"{taught}, self-consistency over {orders} orders (Borda)", sft, (base_sft,),
                 orders=orders),
         Variant(f"{sft}_midhist", f"{taught}, history as mid-training wrote it", f"{sft}_midhist", (midhist_sft,)),
+        Variant(f"{sft}_nextitem", f"{taught}, plain-text prompt ending in mid-training's next-item sequence",
+                f"{sft}_nextitem", (nextitem_sft,)),
         Variant(rl, f"RL from {sft}", rl, (base_sft, base_rl)),
         Variant(f"{rl}_shuffle", f"RL from {sft}_shuffle, shuffled rollouts", f"{rl}_shuffle",
                 (shuffle_sft, train_rl(f"{sft}_shuffle", f"{rl}_shuffle"))),
@@ -124,6 +129,8 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4) ->
                 (base_sft, base_rl), orders=orders),
         Variant(f"{rl}_midhist", f"RL from {sft}_midhist", f"{rl}_midhist",
                 (midhist_sft, train_rl(f"{sft}_midhist", f"{rl}_midhist"))),
+        Variant(f"{rl}_nextitem", f"RL from {sft}_nextitem", f"{rl}_nextitem",
+                (nextitem_sft, train_rl(f"{sft}_nextitem", f"{rl}_nextitem"))),
     ]
 
 

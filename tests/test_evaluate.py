@@ -301,9 +301,15 @@ def test_ablation_dry_run_prints_every_variants_commands_and_skips_evaluated_one
     assert "sampling.max_explanation_tokens=0 output=rl_noexp" in text
     assert '"name": "rl_sc4", "path": "models/rl", "self_consistency": {"orders": 4' in text
     assert "prompt.history_format=midtrain output=sft_reject_midhist" in text
-    for line in out.splitlines():  # every evaluation's overrides make a valid config
+    assert "prompt.history_format=midtrain prompt.layout=next_item output=sft_reject_nextitem" in text
+    from pipelines.sft import SftConfig
+
+    for line in out.splitlines():  # every evaluation's and every SFT run's overrides make a valid config
         if "pipelines.evaluate" in line:
             assert len(_config(run_dir.root, *shlex.split(line)[6:]).models) == 1
+        if "pipelines.sft" in line:
+            args = shlex.split(line)
+            assert load_config(SftConfig, REPO_ROOT / args[4], args[5:]).output_name.startswith("sft_reject")
     assert not run_dir.exists("models") and not run_dir.exists(*ablation.SECONDS_FILE)  # nothing ran
 
 
