@@ -25,7 +25,7 @@ source evaluated in the run dir so far, so runs of different sources and `--only
 | rl | RL from sft_reject, the preset's steps (200) |
 | rl_shuffle | RL from sft_reject_shuffle (its prompt, shuffled, travels with the model into the rollouts) |
 | rl_zero | RL from midtrain (no SFT) |
-| rl_long | RL from sft_reject, `--long-steps` (1,000) steps; its validation curve is in the json |
+| rl_long | RL from sft_reject, `--long-steps` (1,000) steps; its validation curve is in the json (`--long-lr X`: at learning rate X, named rl_long_lrX) |
 | rl_noexp | RL from sft_reject without explanations, in training and evaluation |
 | rl_sc4 | rl with self-consistency over 4 orders |
 | rl_midhist | RL from sft_reject_midhist |
@@ -89,8 +89,9 @@ class Variant:
     """Self-consistency orders (1: one answer per list)."""
 
 
-def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4) -> list[Variant]:
-    """Every variant, in table order."""
+def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, long_lr: float | None = None
+             ) -> list[Variant]:
+    """Every variant, in table order; `long_lr` sets the long RL run's learning rate (its name then says so)."""
     sft = f"sft_{source}"
     rl = "rl" if source == "reject" else f"rl_{source}"
 
@@ -106,6 +107,7 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4) ->
               else f"SFT ({source} traces)")
     shuffle_sft = train_sft(f"{sft}_shuffle", "prompt.shuffle_candidates=true")
     midhist_sft = train_sft(f"{sft}_midhist", "prompt.history_format=midtrain")
+    long_name = f"{rl}_long" + (f"_lr{long_lr:g}" if long_lr else "")
     nextitem_sft = train_sft(f"{sft}_nextitem", "prompt.history_format=midtrain", "prompt.layout=next_item")
     return [
         Variant("prerank", "pre-rank order", None),
@@ -121,8 +123,9 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4) ->
         Variant(f"{rl}_shuffle", f"RL from {sft}_shuffle, shuffled rollouts", f"{rl}_shuffle",
                 (shuffle_sft, train_rl(f"{sft}_shuffle", f"{rl}_shuffle"))),
         Variant("rl_zero", "RL from midtrain (RL-zero)", "rl_zero", (train_rl("midtrain", "rl_zero"),)),
-        Variant(f"{rl}_long", f"RL from {sft}, {long_steps} steps", f"{rl}_long",
-                (base_sft, train_rl(sft, f"{rl}_long", f"rl.steps={long_steps}"))),
+        Variant(long_name, f"RL from {sft}, {long_steps} steps" + (f", lr {long_lr:g}" if long_lr else ""),
+                long_name, (base_sft, train_rl(sft, long_name, f"rl.steps={long_steps}",
+                                               *([f"train.lr={long_lr:g}"] if long_lr else [])))),
         Variant(f"{rl}_noexp", f"RL from {sft}, no explanation (trained and evaluated)", f"{rl}_noexp",
                 (base_sft, train_rl(sft, f"{rl}_noexp", *NO_EXPLANATION)), NO_EXPLANATION),
         Variant(f"{rl}_sc{orders}", f"RL from {sft}, self-consistency over {orders} orders (Borda)", rl,
@@ -250,12 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny_full", help="configs from pipelines/configs/<preset>/")
     parser.add_argument("--source", default="reject", choices=SOURCES, help="what SFT learns from")
     parser.add_argument("--long-steps", type=int, default=1000, help="RL steps of the long run")
+    parser.add_argument("--long-lr", type=float, default=None,
+                        help="learning rate of the long RL run (default: the preset's; the variant becomes "
+                             "rl_<source>_long_lr<value>)")
     parser.add_argument("--orders", type=int, default=4, help="self-consistency orders (K)")
     parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="these variants only")
     parser.add_argument("--dry-run", action="store_true", help="print the commands; run nothing, write nothing")
     parser.add_argument("--out", default=None, help="results stem (default bench/results/rerank_ablation_<run dir>)")
     args = parser.parse_args(argv)
-    every = variants(args.source, args.long_steps, args.orders)
+    every = variants(args.source, args.long_steps, args.orders, args.long_lr)
     unknown = set(args.only or ()) - {v.name for v in every}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {[v.name for v in every]}")
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(variant.name)
     if args.dry_run:
         return 0
-    known = {v.name: v for source in SOURCES for v in variants(source, args.long_steps, args.orders)}
+    known = {v.name: v for source in SOURCES for v in variants(source, args.long_steps, args.orders, args.long_lr)}
     results = collect(run_dir, list({**known, **{v.name: v for v in every}}.values()), args.preset, seconds,
                       pending=[v.name for v in chosen])
     write_results(results, Path(args.out) if args.out else RESULTS / f"rerank_ablation_{Path(args.run_dir).name}")

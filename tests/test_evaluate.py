@@ -311,6 +311,8 @@ def test_ablation_dry_run_prints_every_variants_commands_and_skips_evaluated_one
             args = shlex.split(line)
             assert load_config(SftConfig, REPO_ROOT / args[4], args[5:]).output_name.startswith("sft_reject")
     assert not run_dir.exists("models") and not run_dir.exists(*ablation.SECONDS_FILE)  # nothing ran
+    assert ablation.main(["--run-dir", run_dir.root, "--dry-run", "--long-lr", "1e-4", "--only", "rl_long_lr0.0001"]) == 0
+    assert "rl.steps=1000 train.lr=0.0001 output=rl_long_lr0.0001" in capsys.readouterr().out
 
 
 def test_ablation_table_has_a_row_per_evaluated_variant_with_the_asked_columns(tmp_path):
