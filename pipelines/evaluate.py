@@ -398,7 +398,8 @@ def model_metrics(table: pa.Table) -> dict[str, Any]:
     reasons = Counter(r for r in table.column("reason").to_pylist() if r is not None)
     taus = [order_agreement(r, c) for r, c, v in zip(rankings, incoming, valid) if v]
     targets = table.column("target").to_numpy()
-    first_picks = [promoted_ranking(c, r[0]) for r, c in zip(rankings, incoming)]
+    # an invalid answer has no pick: its row keeps the incoming order (as its final ranking does)
+    first_picks = [promoted_ranking(c, r[0]) if v else list(c) for r, c, v in zip(rankings, incoming, valid)]
     picked = np.full_like(ranked, -1)
     for row, ranking in enumerate(first_picks):
         picked[row, : len(ranking)] = ranking
