@@ -116,6 +116,26 @@ def fit_history(
     return kept[::-1]
 
 
+def _next_item_line(history: Sequence[Item], count_tokens: Callable[[str], int], budget: int | None) -> str:
+    """The history as mid-training's next-item sequence (its prefix and the SIDs of the most recent items that fit)."""
+    from rec.midtrain_data import NEXT_ITEM_PREFIX
+
+    kept = fit_history(history, count_tokens, budget, None, text_of=lambda item: item.sid)
+    return NEXT_ITEM_PREFIX + "".join(item.sid for item in kept)
+
+
+def _candidate_lines(candidates: Sequence[Item], max_title_chars: int | None) -> list[str]:
+    return [f"{n}. {_line(item, max_title_chars)}" for n, item in enumerate(candidates, 1)]
+
+
+def _hint_lines(priming: str | None, target: Item | None, max_title_chars: int | None) -> list[str]:
+    """The priming and the target hint (target sampling), each after a blank line, when given."""
+    lines = ["", priming.strip()] if priming else []
+    if target is not None:
+        lines += ["", TARGET_HINT.format(sid=target.sid, title=escape_text(target.title, max_title_chars))]
+    return lines
+
+
 def build_messages(
     history: Sequence[Item],
     candidates: Sequence[Item],
@@ -132,10 +152,7 @@ def build_messages(
     if not candidates:
         raise ValueError("a re-rank prompt needs at least one candidate")
     if history_format == MIDTRAIN_HISTORY:
-        from rec.midtrain_data import NEXT_ITEM_PREFIX
-
-        kept = fit_history(history, count_tokens, history_token_budget, None, text_of=lambda item: item.sid)
-        lines = [NEXT_ITEM_PREFIX + "".join(item.sid for item in kept)]
+        lines = [_next_item_line(history, count_tokens, history_token_budget)]
     elif history_format == RERANK_HISTORY:
         kept = fit_history(history, count_tokens, history_token_budget, max_title_chars)
         lines = [f"Purchase history, oldest first ({len(kept)} of {len(history)} items):"]
@@ -143,11 +160,7 @@ def build_messages(
     else:
         raise ValueError(f"unknown history_format {history_format!r}; known: {RERANK_HISTORY}, {MIDTRAIN_HISTORY}")
     lines += ["", f"Candidates, in the order a first-stage ranker proposed them ({len(candidates)}):"]
-    lines += [f"{n}. {_line(item, max_title_chars)}" for n, item in enumerate(candidates, 1)]
-    if priming:
-        lines += ["", priming.strip()]
-    if target is not None:
-        lines += ["", TARGET_HINT.format(sid=target.sid, title=escape_text(target.title, max_title_chars))]
+    lines += _candidate_lines(candidates, max_title_chars) + _hint_lines(priming, target, max_title_chars)
     lines += ["", INSTRUCTION.replace("{n}", str(len(candidates)))]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
 
@@ -173,17 +186,10 @@ def build_next_item_text(
     <BLANKLINE>
     Purchase history:<|sid_begin|><s_a_1><|sid_end|>
     """
-    from rec.midtrain_data import NEXT_ITEM_PREFIX
-
     if not candidates:
         raise ValueError("a re-rank prompt needs at least one candidate")
-    kept = fit_history(history, count_tokens, history_token_budget, None, text_of=lambda item: item.sid)
-    lines = ["Candidates:"] + [f"{n}. {_line(item, max_title_chars)}" for n, item in enumerate(candidates, 1)]
-    if priming:
-        lines += ["", priming.strip()]
-    if target is not None:
-        lines += ["", TARGET_HINT.format(sid=target.sid, title=escape_text(target.title, max_title_chars))]
-    return "\n".join(lines + ["", NEXT_ITEM_PREFIX + "".join(item.sid for item in kept)])
+    lines = ["Candidates:"] + _candidate_lines(candidates, max_title_chars) + _hint_lines(priming, target, max_title_chars)
+    return "\n".join(lines + ["", _next_item_line(history, count_tokens, history_token_budget)])
 
 
 def format_answer(explanation: str, ranking_sids: Sequence[str]) -> str:
@@ -394,14 +400,18 @@ class PromptBuilder:
             shown = shuffled(shown, list_key(history, candidates))
         return shown
 
-    def messages(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> list[dict]:
+    def _build(self, build, history: Sequence[int], candidates: Sequence[int], target: int | None, **extra):
+        """`build_messages` or `build_next_item_text` on these items, with the section's settings."""
         s = self.section
-        return build_messages(
+        return build(
             [self.item(i) for i in history], [self.item(i) for i in self.shown_order(history, candidates)],
             target=self.item(target) if target is not None else None, priming=s.priming,
             count_tokens=self.count_tokens, history_token_budget=s.history_token_budget,
-            max_title_chars=s.max_title_chars, history_format=s.history_format,
+            max_title_chars=s.max_title_chars, **extra,
         )
+
+    def messages(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> list[dict]:
+        return self._build(build_messages, history, candidates, target, history_format=self.section.history_format)
 
     @classmethod
     def for_run(cls, tokenizer, run_dir, section: RerankPromptSection) -> PromptBuilder:
@@ -414,16 +424,11 @@ class PromptBuilder:
     def prompt(self, history: Sequence[int], candidates: Sequence[int], target: int | None = None) -> tuple[str, list[int]]:
         """(the text the answer follows: the chat up to the assistant turn, or the `next_item` layout's plain text;
         its token ids)."""
-        s = self.section
-        if s.layout == NEXT_ITEM_LAYOUT:
-            text = build_next_item_text(
-                [self.item(i) for i in history], [self.item(i) for i in self.shown_order(history, candidates)],
-                target=self.item(target) if target is not None else None, priming=s.priming,
-                count_tokens=self.count_tokens, history_token_budget=s.history_token_budget,
-                max_title_chars=s.max_title_chars)
-            return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        text = self.tokenizer.apply_chat_template(self.messages(history, candidates, target), tokenize=False,
-                                                  add_generation_prompt=True, **self.section.chat_template_kwargs)
+        if self.section.layout == NEXT_ITEM_LAYOUT:
+            text = self._build(build_next_item_text, history, candidates, target)
+        else:
+            text = self.tokenizer.apply_chat_template(self.messages(history, candidates, target), tokenize=False,
+                                                      add_generation_prompt=True, **self.section.chat_template_kwargs)
         return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def candidate_sids(self, candidates: Sequence[int]) -> list[str]:
