@@ -16,12 +16,15 @@ source evaluated in the run dir so far, so runs of different sources and `--only
 | variant | lever |
 |---|---|
 | prerank | the incoming order |
+| midtrain | the mid-trained model, not tuned (chat prompt, JSON answer) |
+| midtrain_nextsids | the mid-trained model, not tuned, on the next-item prompt answering with the SIDs alone |
 | sft_reject | SFT, prompts in pre-rank order |
 | sft_reject_shuffle | SFT on prompts that list the candidates shuffled (`prompt.shuffle_candidates`) |
 | sft_reject_noexp | sft_reject answering without an explanation (`sampling.max_explanation_tokens=0`) |
 | sft_reject_sc4 | sft_reject with permutation self-consistency over 4 orders (Borda) |
 | sft_reject_midhist | SFT with the history written as mid-training saw it (`prompt.history_format=midtrain`) |
 | sft_reject_nextitem | SFT on plain-text prompts that end in mid-training's next-item sequence (`prompt.layout=next_item`) |
+| sft_reject_nextsids | sft_reject_nextitem answering with the ranked SIDs alone (`prompt.answer=sids`: no JSON opening before the first SID) |
 | rl | RL from sft_reject, the preset's steps (200) |
 | rl_shuffle | RL from sft_reject_shuffle (its prompt, shuffled, travels with the model into the rollouts) |
 | rl_zero | RL from midtrain (no SFT) |
@@ -30,6 +33,7 @@ source evaluated in the run dir so far, so runs of different sources and `--only
 | rl_sc4 | rl with self-consistency over 4 orders |
 | rl_midhist | RL from sft_reject_midhist |
 | rl_nextitem | RL from sft_reject_nextitem |
+| rl_nextsids | RL from sft_reject_nextsids |
 
 Writes bench/results/rerank_ablation_<run dir name>.{md,json}: per variant N@5, N@10, R@1, identity and invalid
 rates, the training seconds of its model (its sft_report / rl_report) and the driver's evaluation seconds (kept in
@@ -61,6 +65,8 @@ RESULTS = REPO_ROOT / "bench" / "results"
 SECONDS_FILE = ("eval", "rerank_ablation_seconds.json")
 SOURCES = ("reject", "target", "promoted")
 NO_EXPLANATION = ("sampling.max_explanation_tokens=0",)
+# The next_item layout answered by the ranked SIDs alone: the first answer token follows the history directly.
+NEXT_SIDS = ("prompt.history_format=midtrain", "prompt.layout=next_item", "prompt.answer=sids")
 # (key in the results, table column, decimals)
 COLUMNS = (("ndcg@5", "N@5", 4), ("ndcg@10", "N@10", 4), ("recall@1", "R@1", 4), ("identity_rate", "identity", 4),
            ("invalid_rate", "invalid", 4), ("order_tau", "tau", 3), ("first_pick_ndcg@5", "pick N@5", 4),
@@ -109,8 +115,12 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, lo
     midhist_sft = train_sft(f"{sft}_midhist", "prompt.history_format=midtrain")
     long_name = f"{rl}_long" + (f"_lr{long_lr:g}" if long_lr else "")
     nextitem_sft = train_sft(f"{sft}_nextitem", "prompt.history_format=midtrain", "prompt.layout=next_item")
+    nextsids_sft = train_sft(f"{sft}_nextsids", *NEXT_SIDS)
     return [
         Variant("prerank", "pre-rank order", None),
+        Variant("midtrain", "the mid-trained model, not tuned (chat prompt, JSON answer)", "midtrain"),
+        Variant("midtrain_nextsids", "the mid-trained model, not tuned: next-item prompt, answer = the SIDs alone",
+                "midtrain", (), NEXT_SIDS),
         Variant(sft, f"{taught}, candidates in pre-rank order", sft, (base_sft,)),
         Variant(f"{sft}_shuffle", f"{taught}, candidates shuffled in every prompt", f"{sft}_shuffle", (shuffle_sft,)),
         Variant(f"{sft}_noexp", f"{taught}, answers without explanation", sft, (base_sft,), NO_EXPLANATION),
@@ -119,6 +129,8 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, lo
         Variant(f"{sft}_midhist", f"{taught}, history as mid-training wrote it", f"{sft}_midhist", (midhist_sft,)),
         Variant(f"{sft}_nextitem", f"{taught}, plain-text prompt ending in mid-training's next-item sequence",
                 f"{sft}_nextitem", (nextitem_sft,)),
+        Variant(f"{sft}_nextsids", f"{taught}, next-item prompt, answer = the ranked SIDs alone (`prompt.answer=sids`)",
+                f"{sft}_nextsids", (nextsids_sft,)),
         Variant(rl, f"RL from {sft}", rl, (base_sft, base_rl)),
         Variant(f"{rl}_shuffle", f"RL from {sft}_shuffle, shuffled rollouts", f"{rl}_shuffle",
                 (shuffle_sft, train_rl(f"{sft}_shuffle", f"{rl}_shuffle"))),
@@ -134,6 +146,8 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, lo
                 (midhist_sft, train_rl(f"{sft}_midhist", f"{rl}_midhist"))),
         Variant(f"{rl}_nextitem", f"RL from {sft}_nextitem", f"{rl}_nextitem",
                 (nextitem_sft, train_rl(f"{sft}_nextitem", f"{rl}_nextitem"))),
+        Variant(f"{rl}_nextsids", f"RL from {sft}_nextsids", f"{rl}_nextsids",
+                (nextsids_sft, train_rl(f"{sft}_nextsids", f"{rl}_nextsids"))),
     ]
 
 

@@ -10,6 +10,10 @@ SID tokens allowed) ended by the model choosing the `"` token or by the `max_exp
 permutation. The sampling distribution inside each allowed set is the model's own: a constrained teacher still
 chooses which candidate comes first.
 
+With `answer: sids` (`RerankPromptSection.answer`) the answer is the ranking alone, the SIDs back to back as
+mid-training wrote a user's sequence, then eos: the first answer token is the first SID's first token, with nothing
+between the prompt and it.
+
 `RankingConstraint` is the per-sequence state machine (pure torch); `HfRankingLogitsProcessor` applies it in
 HF `generate` (the reference); `rec.engines.reranker.RankingLogitsProcessor` applies it inside vLLM.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rec.rerank import ANSWER_STYLES, JSON_ANSWER, SIDS_ANSWER
 from rec.sid.codes import SID_BEGIN, SID_END
 
 OPEN = '{"explanation": "'
@@ -45,9 +50,13 @@ class RankingAnswerFormat:
     eos_id: int
     text_mask: torch.Tensor
     """[vocab] bool: tokens allowed inside the explanation string, and the `"` that closes it."""
+    explanation: bool = True
+    """False for the `sids` style: no explanation, no fixed text; the SID slots, then eos."""
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, eos_token: str | None = None) -> RankingAnswerFormat:
+    def from_tokenizer(cls, tokenizer, eos_token: str | None = None, style: str = JSON_ANSWER) -> RankingAnswerFormat:
+        if style not in ANSWER_STYLES:
+            raise ValueError(f"unknown answer style {style!r}; known: {', '.join(ANSWER_STYLES)}")
         quote = _encode(tokenizer, '"')
         if len(quote) != 1:
             raise ValueError(f'the tokenizer splits \'"\' into {len(quote)} tokens; a constrained answer needs one')
@@ -69,14 +78,16 @@ class RankingAnswerFormat:
                 continue
             mask[i] = True
         mask[quote[0]] = True  # the only way out of the explanation
+        if style == SIDS_ANSWER:
+            return cls((), quote[0], (), (), (), int(eos), mask, explanation=False)
         return cls(tuple(_encode(tokenizer, OPEN)), quote[0], tuple(_encode(tokenizer, MIDDLE)),
                    tuple(_encode(tokenizer, SEPARATOR)), tuple(_encode(tokenizer, CLOSE)), int(eos), mask)
 
     def max_tokens(self, candidates: Sequence[Sequence[int]], max_explanation_tokens: int) -> int:
         """Longest possible constrained answer (for `max_new_tokens` / `max_tokens`), eos included."""
         slots = sum(len(c) for c in candidates) + len(self.separator_ids) * max(len(candidates) - 1, 0)
-        return (len(self.open_ids) + max_explanation_tokens + 1 + len(self.middle_ids) + slots
-                + len(self.close_ids) + 1)
+        explanation = max_explanation_tokens + 1 if self.explanation else 0  # its text and the closing quote
+        return len(self.open_ids) + explanation + len(self.middle_ids) + slots + len(self.close_ids) + 1
 
 
 class RankingConstraint:
@@ -98,13 +109,15 @@ class RankingConstraint:
         self.max_explanation_tokens = max_explanation_tokens
         self.remaining = [tuple(c) for c in candidates]
         self.first = self.remaining[first] if first is not None else None
-        program: list[tuple[str, tuple[int, ...]]] = [("force", fmt.open_ids), ("text", ()), ("force", fmt.middle_ids)]
+        program: list[tuple[str, tuple[int, ...]]] = []
+        if fmt.explanation:
+            program += [("force", fmt.open_ids), ("text", ()), ("force", fmt.middle_ids)]
         for n in range(len(candidates)):
             if n:
                 program.append(("force", fmt.separator_ids))
             program.append(("slot", ()))
         program += [("force", fmt.close_ids), ("force", (fmt.eos_id,))]
-        self.program = program
+        self.program = [(kind, ids) for kind, ids in program if kind != "force" or ids]  # the sids style has no text
         self.segment = 0
         self.offset = 0  # tokens consumed inside the current segment
         self.partial: tuple[int, ...] = ()
@@ -135,8 +148,6 @@ class RankingConstraint:
     def _next_segment(self) -> None:
         self.segment += 1
         self.offset = 0
-        while not self.done and self.program[self.segment][0] == "force" and not self.program[self.segment][1]:
-            self.segment += 1
 
     def _consume(self, token: int) -> None:
         if self.broken or self.done:

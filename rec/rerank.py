@@ -53,6 +53,10 @@ TARGET_HINT = (
 # History formats (RerankPromptSection.history_format).
 RERANK_HISTORY = "rerank"
 MIDTRAIN_HISTORY = "midtrain"
+# Answer styles (RerankPromptSection.answer; rec.answer_constraint decodes both).
+JSON_ANSWER = "json"
+SIDS_ANSWER = "sids"
+ANSWER_STYLES = (JSON_ANSWER, SIDS_ANSWER)
 # Prompt layouts (RerankPromptSection.layout).
 CHAT_LAYOUT = "chat"
 NEXT_ITEM_LAYOUT = "next_item"
@@ -192,8 +196,17 @@ def build_next_item_text(
     return "\n".join(lines + ["", _next_item_line(history, count_tokens, history_token_budget)])
 
 
-def format_answer(explanation: str, ranking_sids: Sequence[str]) -> str:
-    """The answer text the parser reads (and SFT targets): one JSON object."""
+def format_answer(explanation: str, ranking_sids: Sequence[str], style: str = JSON_ANSWER) -> str:
+    """The answer text the parser reads (and SFT targets): one JSON object, or for the `sids` style
+    (`RerankPromptSection.answer`) the SIDs back to back (no explanation).
+
+    >>> format_answer("why", ["<|sid_begin|><s_a_2><|sid_end|>", "<|sid_begin|><s_a_1><|sid_end|>"], "sids")
+    '<|sid_begin|><s_a_2><|sid_end|><|sid_begin|><s_a_1><|sid_end|>'
+    """
+    if style == SIDS_ANSWER:
+        return "".join(ranking_sids)
+    if style != JSON_ANSWER:
+        raise ValueError(f"unknown answer style {style!r}; known: {', '.join(ANSWER_STYLES)}")
     return json.dumps({"explanation": explanation, "recommendations": list(ranking_sids)}, ensure_ascii=False)
 
 
@@ -246,16 +259,54 @@ def _unclosed(text: str, start: int) -> bool:
     return True
 
 
-def parse_answer(text: str, candidate_sids: Sequence[str]) -> ParseResult:
+def _ranking_of(ranked: Sequence[str], candidate_sids: Sequence[str], explanation: str) -> ParseResult:
+    """`ranked` SID strings as candidate positions when they are a permutation of `candidate_sids`."""
+    position = {sid: n for n, sid in enumerate(candidate_sids)}
+    ranking: list[int] = []
+    for sid in (s.strip() for s in ranked):
+        if sid not in position:
+            return _invalid(UNKNOWN_SID, f"{sid!r} is not a candidate", explanation)
+        if position[sid] in ranking:
+            return _invalid(DUPLICATE, f"{sid!r} is ranked twice", explanation)
+        ranking.append(position[sid])
+    if len(ranking) != len(candidate_sids):
+        return _invalid(MISSING_CANDIDATES, f"{len(candidate_sids) - len(ranking)} candidate(s) not ranked",
+                        explanation)
+    return ParseResult(valid=True, ranking=ranking, explanation=explanation)
+
+
+def _parse_sids(answer: str, candidate_sids: Sequence[str], reasoning: str) -> ParseResult:
+    """The `sids` style: every `<|sid_begin|>...<|sid_end|>` span in order (text between them is ignored; an
+    unclosed last one is a cut answer)."""
+    from rec.sid.codes import SID_BEGIN, SID_END
+
+    spans = re.findall(re.escape(SID_BEGIN) + ".*?" + re.escape(SID_END), answer, flags=re.S)
+    last_begin = answer.rfind(SID_BEGIN)
+    if last_begin >= 0 and answer.find(SID_END, last_begin) < 0:
+        return _invalid(TRUNCATED, "the answer ends inside a SID", reasoning)
+    if not spans:
+        return _invalid(NO_ANSWER, "no SID in the answer", reasoning)
+    return _ranking_of(spans, candidate_sids, reasoning)
+
+
+def parse_answer(text: str, candidate_sids: Sequence[str], style: str = JSON_ANSWER) -> ParseResult:
     """The ranking in `text` as candidate positions, or why there is none.
 
     Accepted: optional `<think>...</think>`, then a JSON object with a `recommendations` list of SID strings that
     is a permutation of `candidate_sids`; text around the object is ignored. An `explanation` string is returned
-    when present (else the thinking text).
+    when present (else the thinking text). The `sids` style reads the SIDs of the answer in order instead.
+
+    >>> sids = ["<|sid_begin|><s_a_1><|sid_end|>", "<|sid_begin|><s_a_2><|sid_end|>"]
+    >>> parse_answer(sids[1] + sids[0], sids, "sids").ranking
+    [1, 0]
+    >>> parse_answer(sids[1] + "<|sid_begin|><s_a", sids, "sids").reason
+    'truncated'
     """
     reasoning, answer = split_thinking(text)
     if answer is None:
         return _invalid(TRUNCATED, "the <think> block never closed", reasoning)
+    if style == SIDS_ANSWER:
+        return _parse_sids(answer, candidate_sids, reasoning)
     start = answer.find("{")
     if start < 0:
         return _invalid(NO_ANSWER, "no JSON object in the answer", reasoning)
@@ -270,18 +321,7 @@ def parse_answer(text: str, candidate_sids: Sequence[str]) -> ParseResult:
     ranked = payload["recommendations"]
     if not isinstance(ranked, list) or not all(isinstance(sid, str) for sid in ranked):
         return _invalid(BAD_TYPE, "'recommendations' must be a list of SID strings", explanation)
-    position = {sid: n for n, sid in enumerate(candidate_sids)}
-    ranking: list[int] = []
-    for sid in (s.strip() for s in ranked):
-        if sid not in position:
-            return _invalid(UNKNOWN_SID, f"{sid!r} is not a candidate", explanation)
-        if position[sid] in ranking:
-            return _invalid(DUPLICATE, f"{sid!r} is ranked twice", explanation)
-        ranking.append(position[sid])
-    if len(ranking) != len(candidate_sids):
-        return _invalid(MISSING_CANDIDATES, f"{len(candidate_sids) - len(ranking)} candidate(s) not ranked",
-                        explanation)
-    return ParseResult(valid=True, ranking=ranking, explanation=explanation)
+    return _ranking_of(ranked, candidate_sids, explanation)
 
 
 def final_ranking(parsed: ParseResult, candidates: Sequence[int]) -> tuple[list[int], str | None]:
@@ -328,8 +368,13 @@ class RerankPromptSection(Section):
     """`chat`: the instruction, history and candidates as a chat (system + user turn, the tokenizer's chat template).
     `next_item`, for a student mid-trained on SIDs but never chat-tuned (the tiny presets): plain text, the candidate
     lines first and the history last as mid-training's next-item sequence, so the answer's first SID continues what
-    the model learned (rec.rerank.build_next_item_text; needs `history_format: midtrain`). The answer is the same
-    JSON either way (bench/prompt_transfer.py measures what each layout keeps of the mid-trained knowledge)."""
+    the model learned (rec.rerank.build_next_item_text; needs `history_format: midtrain`). The answer's form is
+    `answer`, either way (bench/prompt_transfer.py measures what each layout keeps of the mid-trained knowledge)."""
+    answer: Literal["json", "sids"] = JSON_ANSWER
+    """`json`: `{"explanation": ..., "recommendations": [SIDs]}`, as the GR2 teacher answers. `sids`: the ranking
+    alone, the SIDs back to back and then eos, so that with `layout: next_item` the first answer token is the one
+    mid-training learned to predict after the history (no JSON opening between them). SFT re-writes a teacher's
+    accepted ranking in this style; saved with the model, so evaluation, RL and serving read answers the same way."""
 
     @model_validator(mode="after")
     def _check_layout(self) -> RerankPromptSection:
@@ -344,7 +389,7 @@ class RerankPromptSection(Section):
         # sft, rl, evaluate) and the gr2_rerank.json of their models stay what they were
         data = handler(self)
         for name, default in (("shuffle_candidates", False), ("history_format", RERANK_HISTORY),
-                              ("layout", CHAT_LAYOUT)):
+                              ("layout", CHAT_LAYOUT), ("answer", JSON_ANSWER)):
             if getattr(self, name) == default:
                 data.pop(name, None)
         return data

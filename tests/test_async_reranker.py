@@ -81,6 +81,25 @@ def test_constrained_answers_are_the_sync_engines(engine):
     assert reranker.load.steps == steps
 
 
+def test_sids_answers_cross_to_the_engine_process_and_start_with_the_first_sid(engine):
+    """prompt.answer=sids on the out-of-process engine (as on GPUs): the answer style travels in the request's
+    extra_args to the logits processor in the engine core, which builds that style's constraint there: every answer is
+    the ranked SIDs back to back, its first token the first SID's first token, then eos."""
+    from rec.rerank import PromptBuilder
+
+    loop, run_dir, _, reranker = engine
+    histories, candidates = _lists(run_dir, 3)
+    section = PROMPT.model_copy(update={"answer": "sids"})
+    prompts = PromptBuilder(reranker.prompts.tokenizer, reranker.prompts.sid_of, reranker.prompts.title_of, section)
+    decoding = RerankDecoding(reranker.decoding.tokenizer, reranker.decoding.eos_id, CONSTRAINED, "sids")
+    sids = AsyncReranker(prompts, decoding, reranker.max_model_len, reranker.engine, reranker.load)
+    found = loop.run_until_complete(sids.rerank_many(histories, candidates, timeout_s=60))
+    for result, items in zip(found, candidates):
+        assert result.reason is None and sorted(result.ranking) == sorted(items), result
+        assert result.completion == "".join(prompts.sid_of[i] for i in result.ranking)
+        assert result.generated_tokens == decoding.max_tokens(prompts.candidate_token_ids(items))
+
+
 def test_a_request_past_its_deadline_is_aborted_while_another_runs_on(engine):
     loop, run_dir, _, reranker = engine
     (short_history, long_history), (short_items, long_items) = _lists(run_dir, 2)

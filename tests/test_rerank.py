@@ -119,18 +119,19 @@ def test_a_crafted_title_cannot_produce_special_tokens_in_the_prompt(tiny):
 
 
 def constrained_answers(tiny, samples: int, first: int | None = None, seed: int = 0,
-                        max_explanation_tokens: int = 12) -> list:
+                        max_explanation_tokens: int = 12, answer: str = "json", with_ids: bool = False) -> list:
     """Sampled answers from the shared HF re-rank path (rec.engines.reranker.RerankGenerator) under the ranking constraint,
-    parsed."""
+    parsed (and their token ids when `with_ids`)."""
     tokenizer, model = tiny
     sampling = RerankSamplingSection(temperature=1.0, constrained=True, max_explanation_tokens=max_explanation_tokens)
-    generator = RerankGenerator(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"), sampling, model=model)
+    generator = RerankGenerator(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"), sampling, model=model,
+                                answer=answer)
     prompt = tokenizer.apply_chat_template(build_messages([], CANDIDATES), tokenize=False, add_generation_prompt=True)
     candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
     torch.manual_seed(seed)
     (answers,) = generator.generate([tokenizer(prompt, add_special_tokens=False)["input_ids"]], [candidate_ids],
-                                    [samples], first=[first])
-    return [(text, parse_answer(text, SIDS)) for text, _ in answers]
+                                    [samples], first=[first], with_ids=True)
+    return [(text, parse_answer(text, SIDS, answer), *((ids,) if with_ids else ())) for text, _, ids in answers]
 
 
 def test_constrained_sampling_always_yields_a_valid_permutation(tiny):
@@ -173,14 +174,62 @@ def test_a_zero_explanation_budget_gives_reasoning_free_rankings_whose_every_fre
     assert fmt.max_tokens(candidate_ids, 0) == fmt.max_tokens(candidate_ids, 12) - 12
 
 
+@pytest.mark.parametrize("text, reason", [
+    ("", NO_ANSWER),
+    ("no sids here", NO_ANSWER),
+    ("".join(SIDS)[:-5], TRUNCATED),
+    (SIDS[0] + SIDS[0] + SIDS[1] + SIDS[2], DUPLICATE),
+    ("".join(SIDS[:3]) + render_sid([9, 9, 9, 9]), UNKNOWN_SID),
+    ("".join(SIDS[:3]), MISSING_CANDIDATES),
+])
+def test_invalid_sids_answers_say_why(text, reason):
+    result = parse_answer(text, SIDS, "sids")
+    assert not result.valid and result.reason == reason, (result.reason, result.detail)
+
+
+def test_a_sids_answer_is_the_ranking_alone_and_reads_back_the_same():
+    ranked = [SIDS[2], SIDS[0], SIDS[3], SIDS[1]]
+    text = format_answer("ignored", ranked, "sids")
+    assert text == "".join(ranked)
+    assert parse_answer(text, SIDS, "sids").ranking == [2, 0, 3, 1]
+    assert parse_answer(f"<think>x</think> {SIDS[2]}, {SIDS[0]} {SIDS[3]}\n{SIDS[1]}", SIDS, "sids").ranking == [2, 0, 3, 1]
+    assert parse_answer(text, SIDS).reason == NO_ANSWER  # a JSON reader finds no object in it
+    with pytest.raises(ValueError, match="answer style"):
+        format_answer("", ranked, "yaml")
+
+
+def test_a_constrained_sids_answer_starts_with_the_first_sid_and_every_free_token_is_a_choice(tiny):
+    """answer=sids: nothing between the prompt and the first SID, the SIDs back to back, then eos; every answer a
+    valid ranking whose length is fixed, and RL's replay puts loss only on the SID tokens the model chose."""
+    from rec.rl import constrained_choices
+
+    tokenizer, _ = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
+    answers = constrained_answers(tiny, samples=6, max_explanation_tokens=12, answer="sids", with_ids=True)
+    fmt = RankingAnswerFormat.from_tokenizer(tokenizer, eos_token="<|im_end|>", style="sids")
+    assert fmt.max_tokens(candidate_ids, 12) == fmt.max_tokens(candidate_ids, 0) == sum(map(len, candidate_ids)) + 1
+    for text, result, ids in answers:
+        assert result.valid and result.explanation == "", (result.reason, text)
+        assert text == "".join(SIDS[p] for p in result.ranking)
+        assert ids[0] == candidate_ids[0][0] and ids[-1] == eos and len(ids) == fmt.max_tokens(candidate_ids, 12)
+    assert len({tuple(result.ranking) for _, result, _ in answers}) > 1
+    mask, choices = constrained_choices(RankingConstraint(fmt, candidate_ids, 12), answers[0][2])
+    sid_tokens = set(sum(candidate_ids, []))
+    assert sum(mask) == len(choices) > 0 and all(answers[0][2][p] in sid_tokens for p in choices)
+    with pytest.raises(ValueError, match="answer style"):
+        RankingAnswerFormat.from_tokenizer(tokenizer, style="yaml")
+
+
 def test_new_prompt_options_are_left_out_of_dumps_at_their_defaults():
     """Stages fingerprint their prompt section and SFT saves it in gr2_rerank.json: at their defaults the options
     added later must not appear, or every run and model recorded before them would count as another config."""
     recorded = {"history_token_budget": 400, "max_title_chars": 100, "priming": None, "chat_template_kwargs": {}}
     assert RerankPromptSection().model_dump(mode="json") == recorded
     assert RerankPromptSection.model_validate(recorded) == RerankPromptSection()
-    on = RerankPromptSection(shuffle_candidates=True, history_format="midtrain")
-    assert on.model_dump(mode="json") == {**recorded, "shuffle_candidates": True, "history_format": "midtrain"}
+    on = RerankPromptSection(shuffle_candidates=True, history_format="midtrain", answer="sids")
+    assert on.model_dump(mode="json") == {**recorded, "shuffle_candidates": True, "history_format": "midtrain",
+                                          "answer": "sids"}
     assert RerankPromptSection.model_validate(on.model_dump(mode="json")) == on
     with pytest.raises(ValueError, match="history_format"):
         RerankPromptSection(history_format="sids")

@@ -44,11 +44,12 @@ def write_traces(run_dir, rows: int = 24, source: str = "reject") -> pa.Table:
     """Accepted traces whose answers rank the target first, the rest in list order."""
     candidates = write_candidates(run_dir, rows=rows, seed=1)
     sid_of, _ = catalogue(run_dir)
-    completions = []
+    completions, rankings = [], []
     for target, listed in zip(candidates.column("target").to_pylist(), candidates.column("candidates").to_pylist()):
-        ranking = [target] + [i for i in listed if i != target]
-        completions.append(format_answer(f"bought {len(listed)} things", [sid_of[i] for i in ranking]))
+        rankings.append([target] + [i for i in listed if i != target])
+        completions.append(format_answer(f"bought {len(listed)} things", [sid_of[i] for i in rankings[-1]]))
     table = candidates.append_column("completion", pa.array(completions)).append_column(
+        "ranking", pa.array(rankings, pa.list_(pa.int64()))).append_column(
         "accepted", pa.array([True] * (rows - 2) + [False] * 2))
     run_dir.write_parquet(table, "traces", f"{source}.parquet")
     return table
@@ -177,6 +178,37 @@ def test_the_stage_loss_runs_the_lm_head_on_answer_positions_only_and_matches_th
     assert float(loss) == pytest.approx(float(full), abs=1e-6) and tokens == 9
     none = {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
     assert float(weighted_loss(model, none)[0]) == 0.0
+
+
+def test_sids_answers_are_the_ranking_alone_for_traces_and_promoted_lists(sft_run_dir):
+    """prompt.answer=sids: the teacher's accepted ranking (traces) or the promoted order, as SIDs back to back then
+    eos, every answer token weighted as ranking; the prompt is the same as with JSON answers."""
+    from transformers import AutoTokenizer
+
+    from pipelines.sft import build_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_run_dir.local_path("models", "midtrain"))
+    sid_of, _ = catalogue(sft_run_dir)
+    accepted = [r for r in sft_run_dir.read_parquet("traces", "reject.parquet").to_pylist() if r["accepted"]]
+    sid_begin = tokenizer.convert_tokens_to_ids("<|sid_begin|>")
+    for source, rankings in (("reject", [r["ranking"] for r in accepted]), ("promoted", None)):
+        json_examples, _ = build_examples(_config(sft_run_dir.root, f"source={source}"), sft_run_dir, tokenizer)
+        examples, counts = build_examples(_config(sft_run_dir.root, f"source={source}", "prompt.answer=sids"),
+                                          sft_run_dir, tokenizer)
+        assert len(examples) == len(json_examples) == counts["examples"] > 0
+        for n, (example, plain) in enumerate(zip(examples, json_examples)):
+            labelled = [(t, w) for t, label, w in zip(example["input_ids"], example["labels"], example["weights"])
+                        if label != IGNORE_INDEX]
+            answer = tokenizer.decode([t for t, _ in labelled], skip_special_tokens=False)
+            assert labelled[0][0] == sid_begin and answer.endswith("<|im_end|>") and {w for _, w in labelled} == {1.0}
+            json_answer = tokenizer.decode([t for t, label in zip(plain["input_ids"], plain["labels"])
+                                            if label != IGNORE_INDEX], skip_special_tokens=False)
+            sids = answer.removesuffix("<|im_end|>")
+            assert rankings is None or sids == "".join(sid_of[i] for i in rankings[n])
+            assert sids == "".join(json.loads(json_answer.removesuffix("<|im_end|>"))["recommendations"])
+            prompt = len(example["input_ids"]) - len(labelled)
+            assert example["input_ids"][:prompt] == plain["input_ids"][:len(plain["input_ids"]) - len(
+                [label for label in plain["labels"] if label != IGNORE_INDEX])]
 
 
 def test_promoted_answers_keep_the_shown_order_with_the_target_first(sft_run_dir, tmp_path):

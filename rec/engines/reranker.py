@@ -16,12 +16,12 @@ RANKING_PROCESSOR = "rec.engines.reranker:RankingLogitsProcessor"
 
 
 def ranking_extra_args(candidate_token_ids: Sequence[Sequence[int]], max_explanation_tokens: int, eos_id: int,
-                       first: int | None = None) -> dict:
+                       first: int | None = None, answer: str = "json") -> dict:
     """`SamplingParams(extra_args=...)` that constrains one request's answer to a ranking of these candidates
-    (starting with candidate `first` when given)."""
+    (starting with candidate `first` when given), in the answer style `answer` (`RerankPromptSection.answer`)."""
     return {RANKING_ARGS: {"candidates": [list(map(int, c)) for c in candidate_token_ids],
                            "max_explanation_tokens": int(max_explanation_tokens), "eos_id": int(eos_id),
-                           "first": first}}
+                           "first": first, "answer": answer}}
 
 
 def _ranking_logits_processor_class():
@@ -37,9 +37,9 @@ def _ranking_logits_processor_class():
     class RankingLogitsProcessor(AdapterLogitsProcessor):
         def __init__(self, vllm_config, device, is_pin_memory):
             super().__init__(vllm_config, device, is_pin_memory)
-            tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
-            self.base_format = RankingAnswerFormat.from_tokenizer(tokenizer)
-            self.formats: dict[int, RankingAnswerFormat] = {}
+            self.tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
+            self.base_formats: dict[str, RankingAnswerFormat] = {}
+            self.formats: dict[tuple[int, str], RankingAnswerFormat] = {}
 
         @classmethod
         def validate_params(cls, params) -> None:
@@ -54,8 +54,12 @@ def _ranking_logits_processor_class():
             args = (params.extra_args or {}).get(RANKING_ARGS)
             if args is None:
                 return None
-            eos = int(args["eos_id"])
-            fmt = self.formats.setdefault(eos, dataclasses.replace(self.base_format, eos_id=eos))
+            eos, style = int(args["eos_id"]), args.get("answer", "json")
+            if (eos, style) not in self.formats:
+                if style not in self.base_formats:
+                    self.base_formats[style] = RankingAnswerFormat.from_tokenizer(self.tokenizer, style=style)
+                self.formats[eos, style] = dataclasses.replace(self.base_formats[style], eos_id=eos)
+            fmt = self.formats[eos, style]
             constraint = RankingConstraint(fmt, args["candidates"], int(args["max_explanation_tokens"]),
                                            first=args.get("first"))
             return constraint.apply
@@ -75,13 +79,15 @@ def __getattr__(name: str):
 
 class RerankDecoding:
     """How a re-rank answer is decoded, whichever engine writes it: its token budget, the ranking constraint's answer
-    format, and the vLLM `SamplingParams` of one request (the sync and the async engine send the same)."""
+    format, and the vLLM `SamplingParams` of one request (the sync and the async engine send the same). `answer` is
+    the answer style (`RerankPromptSection.answer`)."""
 
-    def __init__(self, tokenizer, eos_id: int, sampling):
+    def __init__(self, tokenizer, eos_id: int, sampling, answer: str = "json"):
         from rec.answer_constraint import RankingAnswerFormat
 
-        self.tokenizer, self.eos_id, self.sampling = tokenizer, eos_id, sampling
-        self.format = (RankingAnswerFormat.from_tokenizer(tokenizer, eos_token=tokenizer.convert_ids_to_tokens(eos_id))
+        self.tokenizer, self.eos_id, self.sampling, self.answer = tokenizer, eos_id, sampling, answer
+        self.format = (RankingAnswerFormat.from_tokenizer(tokenizer, eos_token=tokenizer.convert_ids_to_tokens(eos_id),
+                                                          style=answer)
                        if sampling.constrained else None)
 
     def max_tokens(self, candidate_token_ids: Sequence[Sequence[int]]) -> int:
@@ -101,7 +107,8 @@ class RerankDecoding:
                                 "max_tokens": self.max_tokens(candidate_token_ids), "stop_token_ids": [self.eos_id],
                                 "skip_special_tokens": False, **options}
         if self.format is not None:
-            args["extra_args"] = ranking_extra_args(candidate_token_ids, s.max_explanation_tokens, self.eos_id, first)
+            args["extra_args"] = ranking_extra_args(candidate_token_ids, s.max_explanation_tokens, self.eos_id, first,
+                                                    self.answer)
         return SamplingParams(**args)
 
 
@@ -120,10 +127,10 @@ class RerankGenerator(RerankDecoding):
     engine's counterpart is `rec.engines.async_reranker.AsyncReranker`.
     """
 
-    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None):
+    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None, answer: str = "json"):
         if (llm is None) == (model is None):
             raise ValueError("give exactly one of llm (vLLM) or model (HF)")
-        super().__init__(tokenizer, eos_id, sampling)
+        super().__init__(tokenizer, eos_id, sampling, answer)
         self.llm, self.model = llm, model
 
     def generate(
@@ -209,7 +216,7 @@ class RerankLists:
         """The final ranking of `items` from an answer (the incoming order with the reason when it is unusable)."""
         from rec.rerank import final_ranking, parse_answer
 
-        parsed = parse_answer(text, self.prompts.candidate_sids(items))
+        parsed = parse_answer(text, self.prompts.candidate_sids(items), self.prompts.section.answer)
         ranking, reason = final_ranking(parsed, items)
         return Reranked(ranking, reason, generated, text, parsed.explanation)
 
