@@ -95,9 +95,10 @@ class Variant:
     """Self-consistency orders (1: one answer per list)."""
 
 
-def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, long_lr: float | None = None
-             ) -> list[Variant]:
-    """Every variant, in table order; `long_lr` sets the long RL run's learning rate (its name then says so)."""
+def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, long_lr: float | None = None,
+             sft_lr: float | None = None) -> list[Variant]:
+    """Every variant, in table order; `long_lr` sets the long RL run's learning rate (its name then says so);
+    `sft_lr` adds an SIDs-answer SFT variant at that learning rate."""
     sft = f"sft_{source}"
     rl = "rl" if source == "reject" else f"rl_{source}"
 
@@ -131,6 +132,10 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, lo
                 f"{sft}_nextitem", (nextitem_sft,)),
         Variant(f"{sft}_nextsids", f"{taught}, next-item prompt, answer = the ranked SIDs alone (`prompt.answer=sids`)",
                 f"{sft}_nextsids", (nextsids_sft,)),
+        *([Variant(f"{sft}_nextsids_lr{sft_lr:g}", f"{taught}, next-item prompt, SIDs answer, SFT lr {sft_lr:g}",
+                   f"{sft}_nextsids_lr{sft_lr:g}",
+                   (train_sft(f"{sft}_nextsids_lr{sft_lr:g}", *NEXT_SIDS, f"train.lr={sft_lr:g}"),))]
+          if sft_lr else []),
         Variant(rl, f"RL from {sft}", rl, (base_sft, base_rl)),
         Variant(f"{rl}_shuffle", f"RL from {sft}_shuffle, shuffled rollouts", f"{rl}_shuffle",
                 (shuffle_sft, train_rl(f"{sft}_shuffle", f"{rl}_shuffle"))),
@@ -270,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-lr", type=float, default=None,
                         help="learning rate of the long RL run (default: the preset's; the variant becomes "
                              "rl_<source>_long_lr<value>)")
+    parser.add_argument("--sft-lr", type=float, default=None,
+                        help="add the variant sft_<source>_nextsids_lr<value>: SIDs-answer SFT at this learning rate")
     parser.add_argument("--orders", type=int, default=4, help="self-consistency orders (K)")
     parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="these variants only")
     parser.add_argument("--dry-run", action="store_true", help="print the commands; run nothing, write nothing")
     parser.add_argument("--out", default=None, help="results stem (default bench/results/rerank_ablation_<run dir>)")
     args = parser.parse_args(argv)
-    every = variants(args.source, args.long_steps, args.orders, args.long_lr)
+    every = variants(args.source, args.long_steps, args.orders, args.long_lr, args.sft_lr)
     unknown = set(args.only or ()) - {v.name for v in every}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {[v.name for v in every]}")
@@ -298,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(variant.name)
     if args.dry_run:
         return 0
-    known = {v.name: v for source in SOURCES for v in variants(source, args.long_steps, args.orders, args.long_lr)}
+    known = {v.name: v for source in SOURCES
+             for v in variants(source, args.long_steps, args.orders, args.long_lr, args.sft_lr)}
     results = collect(run_dir, list({**known, **{v.name: v for v in every}}.values()), args.preset, seconds,
                       pending=[v.name for v in chosen])
     write_results(results, Path(args.out) if args.out else RESULTS / f"rerank_ablation_{Path(args.run_dir).name}")

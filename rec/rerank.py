@@ -8,6 +8,7 @@ the GR2 teacher answers:
 
     {"explanation": "...", "recommendations": ["<|sid_begin|>...<|sid_end|>", ...]}
 
+or, with `answer: sids`, the ranked SIDs alone, back to back (`format_answer`, `parse_answer` take the style).
 Qwen3-style answers may put a `<think>...</think>` block first; `parse_answer` reads either form and checks the
 ranking is a permutation of the candidates. Item text is escaped (`escape_text`) so a title can never produce a
 chat marker, a SID or a line that looks like part of the prompt's structure.

@@ -298,6 +298,11 @@ def test_ablation_dry_run_prints_every_variants_commands_and_skips_evaluated_one
     # the preset's own SFT run left `output` null: naming it would change the fingerprint of the finished model
     assert f"pipelines.sft --config pipelines/configs/tiny_full/sft.yaml {run} source=reject\n" in text
     assert "init_model=models/midtrain output=rl_zero" in text and "rl.steps=1000 output=rl_long" in text
+    # the SIDs answer: trained with it (saved in gr2_rerank.json), or set on the untuned model's evaluation
+    assert ("source=reject prompt.history_format=midtrain prompt.layout=next_item prompt.answer=sids "
+            "output=sft_reject_nextsids") in text
+    assert ('[{"name": "midtrain_nextsids", "path": "models/midtrain"}] prompt.history_format=midtrain '
+            'prompt.layout=next_item prompt.answer=sids') in out.replace("'", "").replace("models=", "")
     assert "sampling.max_explanation_tokens=0 output=rl_noexp" in text
     assert '"name": "rl_sc4", "path": "models/rl", "self_consistency": {"orders": 4' in text
     assert "prompt.history_format=midtrain output=sft_reject_midhist" in text
