@@ -33,7 +33,7 @@ from prerank_candidates import write_candidates
 from rec.config import ConfigError, load_config
 from rec.engines.reranker import Reranker
 from rec.io import RunDir
-from rec.rerank import format_answer
+from rec.rerank import RerankPromptSection, format_answer
 
 TINY_YAML = REPO_ROOT / "pipelines" / "configs" / "tiny" / "evaluate.yaml"
 # the fixture model reads 1024 positions and its 400-token vocabulary spends ~1 token per character
@@ -167,7 +167,9 @@ def test_first_pick_diagnostic_keeps_the_incoming_order_behind_the_models_first_
 
 
 class FakePrompts:
-    """Prompt ids of 100 tokens per history item; SIDs `<n>`."""
+    """Prompt ids of 100 tokens per history item; SIDs `<n>`; JSON answers (the default prompt section)."""
+
+    section = RerankPromptSection()
 
     def prompt(self, history, candidates):
         return "prompt", [0] * (100 * len(history))
