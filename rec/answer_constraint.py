@@ -57,12 +57,14 @@ class RankingAnswerFormat:
     def from_tokenizer(cls, tokenizer, eos_token: str | None = None, style: str = JSON_ANSWER) -> RankingAnswerFormat:
         if style not in ANSWER_STYLES:
             raise ValueError(f"unknown answer style {style!r}; known: {', '.join(ANSWER_STYLES)}")
-        quote = _encode(tokenizer, '"')
-        if len(quote) != 1:
-            raise ValueError(f'the tokenizer splits \'"\' into {len(quote)} tokens; a constrained answer needs one')
         eos = tokenizer.convert_tokens_to_ids(eos_token) if eos_token else tokenizer.eos_token_id
         if eos is None:
             raise ValueError("the tokenizer has no eos token; name one with eos_token")
+        if style == SIDS_ANSWER:  # no explanation: no quote and no text mask (a decode of the whole vocabulary)
+            return cls((), -1, (), (), (), int(eos), torch.zeros(0, dtype=torch.bool), explanation=False)
+        quote = _encode(tokenizer, '"')
+        if len(quote) != 1:
+            raise ValueError(f'the tokenizer splits \'"\' into {len(quote)} tokens; a constrained answer needs one')
         sid_markers = {SID_BEGIN, SID_END}
         blocked = {i for tok, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}
         for i, added in tokenizer.added_tokens_decoder.items():
@@ -78,8 +80,6 @@ class RankingAnswerFormat:
                 continue
             mask[i] = True
         mask[quote[0]] = True  # the only way out of the explanation
-        if style == SIDS_ANSWER:
-            return cls((), quote[0], (), (), (), int(eos), mask, explanation=False)
         return cls(tuple(_encode(tokenizer, OPEN)), quote[0], tuple(_encode(tokenizer, MIDDLE)),
                    tuple(_encode(tokenizer, SEPARATOR)), tuple(_encode(tokenizer, CLOSE)), int(eos), mask)
 

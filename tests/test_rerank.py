@@ -209,6 +209,7 @@ def test_a_constrained_sids_answer_starts_with_the_first_sid_and_every_free_toke
     answers = constrained_answers(tiny, samples=6, max_explanation_tokens=12, answer="sids", with_ids=True)
     fmt = RankingAnswerFormat.from_tokenizer(tokenizer, eos_token="<|im_end|>", style="sids")
     assert fmt.max_tokens(candidate_ids, 12) == fmt.max_tokens(candidate_ids, 0) == sum(map(len, candidate_ids)) + 1
+    assert fmt.text_mask.numel() == 0  # no explanation: the vocabulary is not decoded for a text mask
     for text, result, ids in answers:
         assert result.valid and result.explanation == "", (result.reason, text)
         assert text == "".join(SIDS[p] for p in result.ranking)

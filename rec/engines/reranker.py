@@ -10,13 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rec.rerank import JSON_ANSWER
+
 RANKING_ARGS = "gr2_ranking"
 RANKING_PROCESSOR = "rec.engines.reranker:RankingLogitsProcessor"
 """Pass to `start_llm(..., logits_processors=[RANKING_PROCESSOR])`; requests opt in with `ranking_extra_args`."""
 
 
 def ranking_extra_args(candidate_token_ids: Sequence[Sequence[int]], max_explanation_tokens: int, eos_id: int,
-                       first: int | None = None, answer: str = "json") -> dict:
+                       first: int | None = None, answer: str = JSON_ANSWER) -> dict:
     """`SamplingParams(extra_args=...)` that constrains one request's answer to a ranking of these candidates
     (starting with candidate `first` when given), in the answer style `answer` (`RerankPromptSection.answer`)."""
     return {RANKING_ARGS: {"candidates": [list(map(int, c)) for c in candidate_token_ids],
@@ -54,7 +56,7 @@ def _ranking_logits_processor_class():
             args = (params.extra_args or {}).get(RANKING_ARGS)
             if args is None:
                 return None
-            eos, style = int(args["eos_id"]), args.get("answer", "json")
+            eos, style = int(args["eos_id"]), args.get("answer", JSON_ANSWER)
             if (eos, style) not in self.formats:
                 if style not in self.base_formats:
                     self.base_formats[style] = RankingAnswerFormat.from_tokenizer(self.tokenizer, style=style)
@@ -82,7 +84,7 @@ class RerankDecoding:
     format, and the vLLM `SamplingParams` of one request (the sync and the async engine send the same). `answer` is
     the answer style (`RerankPromptSection.answer`)."""
 
-    def __init__(self, tokenizer, eos_id: int, sampling, answer: str = "json"):
+    def __init__(self, tokenizer, eos_id: int, sampling, answer: str = JSON_ANSWER):
         from rec.answer_constraint import RankingAnswerFormat
 
         self.tokenizer, self.eos_id, self.sampling, self.answer = tokenizer, eos_id, sampling, answer
@@ -127,7 +129,7 @@ class RerankGenerator(RerankDecoding):
     engine's counterpart is `rec.engines.async_reranker.AsyncReranker`.
     """
 
-    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None, answer: str = "json"):
+    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None, answer: str = JSON_ANSWER):
         if (llm is None) == (model is None):
             raise ValueError("give exactly one of llm (vLLM) or model (HF)")
         super().__init__(tokenizer, eos_id, sampling, answer)
