@@ -28,6 +28,7 @@ source evaluated in the run dir so far, so runs of different sources and `--only
 | rl | RL from sft_reject, the preset's steps (200) |
 | rl_shuffle | RL from sft_reject_shuffle (its prompt, shuffled, travels with the model into the rollouts) |
 | rl_zero | RL from midtrain (no SFT) |
+| rl_zero_nextsids | RL from midtrain on the next-item prompt answering with the SIDs alone (`--zero-lr X`: at learning rate X, named rl_zero_nextsids_lrX) |
 | rl_long | RL from sft_reject, `--long-steps` (1,000) steps; its validation curve is in the json (`--long-lr X`: at learning rate X, named rl_long_lrX) |
 | rl_noexp | RL from sft_reject without explanations, in training and evaluation |
 | rl_sc4 | rl with self-consistency over 4 orders |
@@ -96,9 +97,10 @@ class Variant:
 
 
 def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, long_lr: float | None = None,
-             sft_lr: float | None = None) -> list[Variant]:
+             sft_lr: float | None = None, zero_lr: float | None = None) -> list[Variant]:
     """Every variant, in table order; `long_lr` sets the long RL run's learning rate (its name then says so);
-    `sft_lr` adds an SIDs-answer SFT variant at that learning rate."""
+    `sft_lr` adds an SIDs-answer SFT variant at that learning rate; `zero_lr` sets the learning rate of RL-zero on
+    the SIDs answer (its name then says so)."""
     sft = f"sft_{source}"
     rl = "rl" if source == "reject" else f"rl_{source}"
 
@@ -117,6 +119,7 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, lo
     long_name = f"{rl}_long" + (f"_lr{long_lr:g}" if long_lr else "")
     nextitem_sft = train_sft(f"{sft}_nextitem", "prompt.history_format=midtrain", "prompt.layout=next_item")
     nextsids_sft = train_sft(f"{sft}_nextsids", *NEXT_SIDS)
+    zero_sids = "rl_zero_nextsids" + (f"_lr{zero_lr:g}" if zero_lr else "")
     return [
         Variant("prerank", "pre-rank order", None),
         Variant("midtrain", "the mid-trained model, not tuned (chat prompt, JSON answer)", "midtrain"),
@@ -140,6 +143,9 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, lo
         Variant(f"{rl}_shuffle", f"RL from {sft}_shuffle, shuffled rollouts", f"{rl}_shuffle",
                 (shuffle_sft, train_rl(f"{sft}_shuffle", f"{rl}_shuffle"))),
         Variant("rl_zero", "RL from midtrain (RL-zero)", "rl_zero", (train_rl("midtrain", "rl_zero"),)),
+        Variant(zero_sids, "RL from midtrain (RL-zero), next-item prompt, SIDs answer"
+                + (f", lr {zero_lr:g}" if zero_lr else ""), zero_sids,
+                (train_rl("midtrain", zero_sids, *NEXT_SIDS, *([f"train.lr={zero_lr:g}"] if zero_lr else [])),)),
         Variant(long_name, f"RL from {sft}, {long_steps} steps" + (f", lr {long_lr:g}" if long_lr else ""),
                 long_name, (base_sft, train_rl(sft, long_name, f"rl.steps={long_steps}",
                                                *([f"train.lr={long_lr:g}"] if long_lr else [])))),
@@ -277,12 +283,15 @@ def main(argv: list[str] | None = None) -> int:
                              "rl_<source>_long_lr<value>)")
     parser.add_argument("--sft-lr", type=float, default=None,
                         help="add the variant sft_<source>_nextsids_lr<value>: SIDs-answer SFT at this learning rate")
+    parser.add_argument("--zero-lr", type=float, default=None,
+                        help="learning rate of rl_zero_nextsids (default: the preset's; the variant becomes "
+                             "rl_zero_nextsids_lr<value>)")
     parser.add_argument("--orders", type=int, default=4, help="self-consistency orders (K)")
     parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="these variants only")
     parser.add_argument("--dry-run", action="store_true", help="print the commands; run nothing, write nothing")
     parser.add_argument("--out", default=None, help="results stem (default bench/results/rerank_ablation_<run dir>)")
     args = parser.parse_args(argv)
-    every = variants(args.source, args.long_steps, args.orders, args.long_lr, args.sft_lr)
+    every = variants(args.source, args.long_steps, args.orders, args.long_lr, args.sft_lr, args.zero_lr)
     unknown = set(args.only or ()) - {v.name for v in every}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {[v.name for v in every]}")
@@ -306,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     known = {v.name: v for source in SOURCES
-             for v in variants(source, args.long_steps, args.orders, args.long_lr, args.sft_lr)}
+             for v in variants(source, args.long_steps, args.orders, args.long_lr, args.sft_lr, args.zero_lr)}
     results = collect(run_dir, list({**known, **{v.name: v for v in every}}.values()), args.preset, seconds,
                       pending=[v.name for v in chosen])
     write_results(results, Path(args.out) if args.out else RESULTS / f"rerank_ablation_{Path(args.run_dir).name}")

@@ -305,10 +305,13 @@ def test_ablation_dry_run_prints_every_variants_commands_and_skips_evaluated_one
             "output=sft_reject_nextsids") in text
     assert ('[{"name": "midtrain_nextsids", "path": "models/midtrain"}] prompt.history_format=midtrain '
             'prompt.layout=next_item prompt.answer=sids') in out.replace("'", "").replace("models=", "")
+    assert ("init_model=models/midtrain prompt.history_format=midtrain prompt.layout=next_item prompt.answer=sids "
+            "output=rl_zero_nextsids") in text  # RL-zero on the SIDs answer: the prompt comes from the RL config
     assert "sampling.max_explanation_tokens=0 output=rl_noexp" in text
     assert '"name": "rl_sc4", "path": "models/rl", "self_consistency": {"orders": 4' in text
     assert "prompt.history_format=midtrain output=sft_reject_midhist" in text
     assert "prompt.history_format=midtrain prompt.layout=next_item output=sft_reject_nextitem" in text
+    from pipelines.rl import RlConfig
     from pipelines.sft import SftConfig
 
     for line in out.splitlines():  # every evaluation's and every SFT run's overrides make a valid config
@@ -317,6 +320,9 @@ def test_ablation_dry_run_prints_every_variants_commands_and_skips_evaluated_one
         if "pipelines.sft" in line:
             args = shlex.split(line)
             assert load_config(SftConfig, REPO_ROOT / args[4], args[5:]).output_name.startswith("sft_reject")
+        if "pipelines.rl" in line:
+            args = shlex.split(line)
+            assert load_config(RlConfig, REPO_ROOT / args[4], args[5:]).output.startswith("rl")
     assert not run_dir.exists("models") and not run_dir.exists(*ablation.SECONDS_FILE)  # nothing ran
     assert ablation.main(["--run-dir", run_dir.root, "--dry-run", "--long-lr", "1e-4", "--only", "rl_long_lr0.0001"]) == 0
     assert "rl.steps=1000 train.lr=0.0001 output=rl_long_lr0.0001" in capsys.readouterr().out
