@@ -18,6 +18,7 @@ source evaluated in the run dir so far, so runs of different sources and `--only
 | prerank | the incoming order |
 | midtrain | the mid-trained model, not tuned (chat prompt, JSON answer) |
 | midtrain_nextsids | the mid-trained model, not tuned, on the next-item prompt answering with the SIDs alone |
+| midtrain_nexttop1 | the same, its answer only the first item (`prompt.answer_top=1`; the rest keep the pre-rank order) |
 | sft_reject | SFT, prompts in pre-rank order |
 | sft_reject_shuffle | SFT on prompts that list the candidates shuffled (`prompt.shuffle_candidates`) |
 | sft_reject_noexp | sft_reject answering without an explanation (`sampling.max_explanation_tokens=0`) |
@@ -29,6 +30,7 @@ source evaluated in the run dir so far, so runs of different sources and `--only
 | rl_shuffle | RL from sft_reject_shuffle (its prompt, shuffled, travels with the model into the rollouts) |
 | rl_zero | RL from midtrain (no SFT) |
 | rl_zero_nextsids | RL from midtrain on the next-item prompt answering with the SIDs alone (`--zero-lr X`: at learning rate X, named rl_zero_nextsids_lrX) |
+| rl_zero_nexttop1 | the same, the answer one SID: the item to put first, the rest in pre-rank order (`prompt.answer_top=1`; `--zero-lr` too) |
 | rl_long | RL from sft_reject, `--long-steps` (1,000) steps; its validation curve is in the json (`--long-lr X`: at learning rate X, named rl_long_lrX) |
 | rl_noexp | RL from sft_reject without explanations, in training and evaluation |
 | rl_sc4 | rl with self-consistency over 4 orders |
@@ -68,6 +70,8 @@ SOURCES = ("reject", "target", "promoted")
 NO_EXPLANATION = ("sampling.max_explanation_tokens=0",)
 # The next_item layout answered by the ranked SIDs alone: the first answer token follows the history directly.
 NEXT_SIDS = ("prompt.history_format=midtrain", "prompt.layout=next_item", "prompt.answer=sids")
+# ... and the answer names one SID, the first; the other candidates keep the pre-rank order (prompt.answer_top=1).
+NEXT_TOP1 = (*NEXT_SIDS, "prompt.answer_top=1")
 # (key in the results, table column, decimals)
 COLUMNS = (("ndcg@5", "N@5", 4), ("ndcg@10", "N@10", 4), ("recall@1", "R@1", 4), ("identity_rate", "identity", 4),
            ("invalid_rate", "invalid", 4), ("order_tau", "tau", 3), ("first_pick_ndcg@5", "pick N@5", 4),
@@ -120,11 +124,15 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, lo
     nextitem_sft = train_sft(f"{sft}_nextitem", "prompt.history_format=midtrain", "prompt.layout=next_item")
     nextsids_sft = train_sft(f"{sft}_nextsids", *NEXT_SIDS)
     zero_sids = "rl_zero_nextsids" + (f"_lr{zero_lr:g}" if zero_lr else "")
+    zero_top1 = "rl_zero_nexttop1" + (f"_lr{zero_lr:g}" if zero_lr else "")
+    zero_lr_args = (f"train.lr={zero_lr:g}",) if zero_lr else ()
     return [
         Variant("prerank", "pre-rank order", None),
         Variant("midtrain", "the mid-trained model, not tuned (chat prompt, JSON answer)", "midtrain"),
         Variant("midtrain_nextsids", "the mid-trained model, not tuned: next-item prompt, answer = the SIDs alone",
                 "midtrain", (), NEXT_SIDS),
+        Variant("midtrain_nexttop1", "the mid-trained model, not tuned: next-item prompt, the answer picks the first "
+                "item only (`prompt.answer_top=1`: the rest keep the pre-rank order)", "midtrain", (), NEXT_TOP1),
         Variant(sft, f"{taught}, candidates in pre-rank order", sft, (base_sft,)),
         Variant(f"{sft}_shuffle", f"{taught}, candidates shuffled in every prompt", f"{sft}_shuffle", (shuffle_sft,)),
         Variant(f"{sft}_noexp", f"{taught}, answers without explanation", sft, (base_sft,), NO_EXPLANATION),
@@ -145,7 +153,10 @@ def variants(source: str = "reject", long_steps: int = 1000, orders: int = 4, lo
         Variant("rl_zero", "RL from midtrain (RL-zero)", "rl_zero", (train_rl("midtrain", "rl_zero"),)),
         Variant(zero_sids, "RL from midtrain (RL-zero), next-item prompt, SIDs answer"
                 + (f", lr {zero_lr:g}" if zero_lr else ""), zero_sids,
-                (train_rl("midtrain", zero_sids, *NEXT_SIDS, *([f"train.lr={zero_lr:g}"] if zero_lr else [])),)),
+                (train_rl("midtrain", zero_sids, *NEXT_SIDS, *zero_lr_args),)),
+        Variant(zero_top1, "RL from midtrain (RL-zero), next-item prompt, the answer picks the first item only"
+                + (f", lr {zero_lr:g}" if zero_lr else ""), zero_top1,
+                (train_rl("midtrain", zero_top1, *NEXT_TOP1, *zero_lr_args),)),
         Variant(long_name, f"RL from {sft}, {long_steps} steps" + (f", lr {long_lr:g}" if long_lr else ""),
                 long_name, (base_sft, train_rl(sft, long_name, f"rl.steps={long_steps}",
                                                *([f"train.lr={long_lr:g}"] if long_lr else [])))),

@@ -328,7 +328,8 @@ def start_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sampling
     tokenizer, prompts, processors, eos_id = _reranker_inputs(run_dir, model, prompt, eos_token, sampling)
     llm, bound, lock = start_engine(engine, model, cpus, gpus, bind_cores, logits_processors=processors, seed=seed,
                                     **engine_args)
-    generator = RerankGenerator(tokenizer, eos_id, sampling, llm=llm, answer=prompts.section.answer)
+    generator = RerankGenerator(tokenizer, eos_id, sampling, llm=llm, answer=prompts.section.answer,
+                                top=prompts.section.answer_top)
     return Reranker(prompts, generator, engine.max_model_len), bound, lock
 
 
@@ -350,7 +351,7 @@ def start_async_reranker(run_dir: RunDir, model: str, prompt, eos_token: str, sa
                                           **engine_args)
     del args["in_process"]  # always a child process
     llm = start_async_llm(model, stat_loggers=[load.stat_logger()], **args)
-    decoding = RerankDecoding(tokenizer, eos_id, sampling, prompts.section.answer)
+    decoding = RerankDecoding(tokenizer, eos_id, sampling, prompts.section.answer, prompts.section.answer_top)
     return AsyncReranker(prompts, decoding, engine.max_model_len, llm, load), cores, lock
 
 

@@ -43,8 +43,9 @@ class RolloutWorker(FileWeightUpdateActor):
         sampler = self.reranker.generator
         self.llm = sampler.llm
         greedy = cfg.sampling.model_copy(update={"temperature": 0.0})
-        self.greedy = Reranker(self.reranker.prompts, RerankGenerator(sampler.tokenizer, sampler.eos_id, greedy,
-                                                                      llm=self.llm, answer=sampler.answer), r.engine.max_model_len)
+        greedy_generator = RerankGenerator(sampler.tokenizer, sampler.eos_id, greedy, llm=self.llm, answer=sampler.answer,
+                                           top=sampler.top)
+        self.greedy = Reranker(self.reranker.prompts, greedy_generator, r.engine.max_model_len)
         log.info("rollout actor: %s on cores %s, engine %s", model, bound or "-",
                  "out of process" if self.out_of_process() else "in process")
 
@@ -84,7 +85,8 @@ class RolloutWorker(FileWeightUpdateActor):
                 if generator.format is not None:  # sampled under the ranking constraint: the policy's own choices
                     constraint = RankingConstraint(generator.format, token_ids, cfg.sampling.max_explanation_tokens)
                     loss_mask, choices = constrained_choices(constraint, completion_ids)
-                parsed = parse_answer(text, prompts.candidate_sids(row["candidates"]), prompts.section.answer)
+                parsed = parse_answer(text, prompts.candidate_sids(row["candidates"]), prompts.section.answer,
+                                      prompts.section.answer_top)
                 ranking, reason = final_ranking(parsed, row["candidates"])
                 s = score_sample(ranking, reason is None, row["candidates"], row["target"], cfg.rl.reward,
                                  cfg.rl.alpha, length, generator.max_tokens([]) if not cfg.sampling.constrained

@@ -119,13 +119,13 @@ def source_rows(cfg: SftConfig, run_dir: RunDir, builder: PromptBuilder) -> tupl
     table = run_dir.read_parquet(*path)
     from rec.rerank import JSON_ANSWER, format_answer
 
-    style = builder.section.answer
+    style, top = builder.section.answer, builder.section.answer_top  # top None: every candidate
     if cfg.source != PROMOTED:
         accepted = table.filter(pc.equal(table.column("accepted"), True))
         rows = accepted.select(["history", "candidates", "completion"]).to_pylist()
         if style != JSON_ANSWER:  # the `sids` style has no explanation: the teacher's accepted ranking alone
             for row, ranking in zip(rows, accepted.column("ranking").to_pylist()):
-                row["completion"] = format_answer("", builder.candidate_sids(ranking), style)
+                row["completion"] = format_answer("", builder.candidate_sids(ranking[:top]), style)
         return rows, {"trace_rows": table.num_rows, "accepted_rows": accepted.num_rows}
     from pipelines.traces import eligible_rows
     from rec.sft_data import promoted_ranking
@@ -136,7 +136,7 @@ def source_rows(cfg: SftConfig, run_dir: RunDir, builder: PromptBuilder) -> tupl
         shown = builder.shown_order(row["history"], row["candidates"])
         ranking = promoted_ranking(shown, row["target"])
         out.append({"history": row["history"], "candidates": row["candidates"],
-                    "completion": format_answer("", builder.candidate_sids(ranking), style)})
+                    "completion": format_answer("", builder.candidate_sids(ranking[:top]), style)})
     return out, {"list_rows": table.num_rows, "lists_with_target": len(out), **skipped}
 
 

@@ -250,7 +250,8 @@ class Teacher:
         for text, generated in samples:
             row.attempts += 1
             row.generated_tokens += generated
-            row.take(text, parse_answer(text, row.candidate_sids, self.cfg.prompt.answer), round_number)
+            prompt = self.cfg.prompt
+            row.take(text, parse_answer(text, row.candidate_sids, prompt.answer, prompt.answer_top), round_number)
         return not row.accepted_round and row.attempts < self.cfg.attempt_budget
 
     def _result(self, rows: list[RowState]) -> pa.Table:
@@ -292,13 +293,13 @@ class TeacherBatch(Teacher):
             torch.set_num_threads(max(1, round(cfg.cpus_per_actor)))
             hf_model = load_student(model, dtype=getattr(torch, cfg.engine.dtype))[1].eval()
             self.generator = self.decoding = RerankGenerator(tokenizer, eos_id, cfg.sampling, model=hf_model,
-                                                               answer=cfg.prompt.answer)
+                                                               answer=cfg.prompt.answer, top=cfg.prompt.answer_top)
             log.info("traces: HF teacher %s", model)
             return
         processors = [RANKING_PROCESSOR] if cfg.sampling.constrained else []
         llm, bound, self._core_lock = start_actor_engine(cfg, model, logits_processors=processors, seed=cfg.seed)
         self.generator = self.decoding = RerankGenerator(tokenizer, eos_id, cfg.sampling, llm=llm,
-                                                               answer=cfg.prompt.answer)
+                                                               answer=cfg.prompt.answer, top=cfg.prompt.answer_top)
         log.info("traces actor: teacher %s on cores %s", model, bound or "-")
 
     def __call__(self, batch: pa.Table) -> pa.Table:

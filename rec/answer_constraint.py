@@ -52,16 +52,19 @@ class RankingAnswerFormat:
     """[vocab] bool: tokens allowed inside the explanation string, and the `"` that closes it."""
     explanation: bool = True
     """False for the `sids` style: no explanation, no fixed text; the SID slots, then eos."""
+    top: int | None = None
+    """SID slots of an answer (`RerankPromptSection.answer_top`); None: one per candidate."""
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, eos_token: str | None = None, style: str = JSON_ANSWER) -> RankingAnswerFormat:
+    def from_tokenizer(cls, tokenizer, eos_token: str | None = None, style: str = JSON_ANSWER, top: int | None = None
+                       ) -> RankingAnswerFormat:
         if style not in ANSWER_STYLES:
             raise ValueError(f"unknown answer style {style!r}; known: {', '.join(ANSWER_STYLES)}")
         eos = tokenizer.convert_tokens_to_ids(eos_token) if eos_token else tokenizer.eos_token_id
         if eos is None:
             raise ValueError("the tokenizer has no eos token; name one with eos_token")
         if style == SIDS_ANSWER:  # no explanation: no quote and no text mask (a decode of the whole vocabulary)
-            return cls((), -1, (), (), (), int(eos), torch.zeros(0, dtype=torch.bool), explanation=False)
+            return cls((), -1, (), (), (), int(eos), torch.zeros(0, dtype=torch.bool), explanation=False, top=top)
         quote = _encode(tokenizer, '"')
         if len(quote) != 1:
             raise ValueError(f'the tokenizer splits \'"\' into {len(quote)} tokens; a constrained answer needs one')
@@ -81,11 +84,17 @@ class RankingAnswerFormat:
             mask[i] = True
         mask[quote[0]] = True  # the only way out of the explanation
         return cls(tuple(_encode(tokenizer, OPEN)), quote[0], tuple(_encode(tokenizer, MIDDLE)),
-                   tuple(_encode(tokenizer, SEPARATOR)), tuple(_encode(tokenizer, CLOSE)), int(eos), mask)
+                   tuple(_encode(tokenizer, SEPARATOR)), tuple(_encode(tokenizer, CLOSE)), int(eos), mask, top=top)
+
+    def slots(self, candidates: int) -> int:
+        """SID slots of an answer over this many candidates."""
+        return candidates if self.top is None else min(self.top, candidates)
 
     def max_tokens(self, candidates: Sequence[Sequence[int]], max_explanation_tokens: int) -> int:
         """Longest possible constrained answer (for `max_new_tokens` / `max_tokens`), eos included."""
-        slots = sum(len(c) for c in candidates) + len(self.separator_ids) * max(len(candidates) - 1, 0)
+        n = self.slots(len(candidates))
+        longest = sorted((len(c) for c in candidates), reverse=True)[:n]
+        slots = sum(longest) + len(self.separator_ids) * max(n - 1, 0)
         explanation = max_explanation_tokens + 1 if self.explanation else 0  # its text and the closing quote
         return len(self.open_ids) + explanation + len(self.middle_ids) + slots + len(self.close_ids) + 1
 
@@ -112,7 +121,7 @@ class RankingConstraint:
         program: list[tuple[str, tuple[int, ...]]] = []
         if fmt.explanation:
             program += [("force", fmt.open_ids), ("text", ()), ("force", fmt.middle_ids)]
-        for n in range(len(candidates)):
+        for n in range(fmt.slots(len(candidates))):
             if n:
                 program.append(("force", fmt.separator_ids))
             program.append(("slot", ()))

@@ -260,8 +260,10 @@ def _unclosed(text: str, start: int) -> bool:
     return True
 
 
-def _ranking_of(ranked: Sequence[str], candidate_sids: Sequence[str], explanation: str) -> ParseResult:
-    """`ranked` SID strings as candidate positions when they are a permutation of `candidate_sids`."""
+def _ranking_of(ranked: Sequence[str], candidate_sids: Sequence[str], explanation: str, top: int | None = None
+                ) -> ParseResult:
+    """`ranked` SID strings as candidate positions when they are a permutation of `candidate_sids`; with `top`, when
+    they name at least `top` distinct candidates (the ones not named follow in their incoming order)."""
     position = {sid: n for n, sid in enumerate(candidate_sids)}
     ranking: list[int] = []
     for sid in (s.strip() for s in ranked):
@@ -270,13 +272,14 @@ def _ranking_of(ranked: Sequence[str], candidate_sids: Sequence[str], explanatio
         if position[sid] in ranking:
             return _invalid(DUPLICATE, f"{sid!r} is ranked twice", explanation)
         ranking.append(position[sid])
-    if len(ranking) != len(candidate_sids):
-        return _invalid(MISSING_CANDIDATES, f"{len(candidate_sids) - len(ranking)} candidate(s) not ranked",
-                        explanation)
+    needed = len(candidate_sids) if top is None else min(top, len(candidate_sids))
+    if len(ranking) < needed:
+        return _invalid(MISSING_CANDIDATES, f"{needed - len(ranking)} candidate(s) not ranked", explanation)
+    ranking += [p for p in range(len(candidate_sids)) if p not in ranking]
     return ParseResult(valid=True, ranking=ranking, explanation=explanation)
 
 
-def _parse_sids(answer: str, candidate_sids: Sequence[str], reasoning: str) -> ParseResult:
+def _parse_sids(answer: str, candidate_sids: Sequence[str], reasoning: str, top: int | None = None) -> ParseResult:
     """The `sids` style: every `<|sid_begin|>...<|sid_end|>` span in order (text between them is ignored; an
     unclosed last one is a cut answer)."""
     from rec.sid.codes import SID_BEGIN, SID_END
@@ -287,11 +290,13 @@ def _parse_sids(answer: str, candidate_sids: Sequence[str], reasoning: str) -> P
         return _invalid(TRUNCATED, "the answer ends inside a SID", reasoning)
     if not spans:
         return _invalid(NO_ANSWER, "no SID in the answer", reasoning)
-    return _ranking_of(spans, candidate_sids, reasoning)
+    return _ranking_of(spans, candidate_sids, reasoning, top)
 
 
-def parse_answer(text: str, candidate_sids: Sequence[str], style: str = JSON_ANSWER) -> ParseResult:
-    """The ranking in `text` as candidate positions, or why there is none.
+def parse_answer(text: str, candidate_sids: Sequence[str], style: str = JSON_ANSWER, top: int | None = None
+                 ) -> ParseResult:
+    """The ranking in `text` as candidate positions, or why there is none. With `top` (`RerankPromptSection.
+    answer_top`) the answer need only rank that many; the candidates it leaves out follow in their incoming order.
 
     Accepted: optional `<think>...</think>`, then a JSON object with a `recommendations` list of SID strings that
     is a permutation of `candidate_sids`; text around the object is ignored. An `explanation` string is returned
@@ -302,12 +307,14 @@ def parse_answer(text: str, candidate_sids: Sequence[str], style: str = JSON_ANS
     [1, 0]
     >>> parse_answer(sids[1] + "<|sid_begin|><s_a", sids, "sids").reason
     'truncated'
+    >>> parse_answer(sids[1], sids + ["<|sid_begin|><s_a_3><|sid_end|>"], "sids", top=1).ranking
+    [1, 0, 2]
     """
     reasoning, answer = split_thinking(text)
     if answer is None:
         return _invalid(TRUNCATED, "the <think> block never closed", reasoning)
     if style == SIDS_ANSWER:
-        return _parse_sids(answer, candidate_sids, reasoning)
+        return _parse_sids(answer, candidate_sids, reasoning, top)
     start = answer.find("{")
     if start < 0:
         return _invalid(NO_ANSWER, "no JSON object in the answer", reasoning)
@@ -322,7 +329,7 @@ def parse_answer(text: str, candidate_sids: Sequence[str], style: str = JSON_ANS
     ranked = payload["recommendations"]
     if not isinstance(ranked, list) or not all(isinstance(sid, str) for sid in ranked):
         return _invalid(BAD_TYPE, "'recommendations' must be a list of SID strings", explanation)
-    return _ranking_of(ranked, candidate_sids, explanation)
+    return _ranking_of(ranked, candidate_sids, explanation, top)
 
 
 def final_ranking(parsed: ParseResult, candidates: Sequence[int]) -> tuple[list[int], str | None]:
@@ -376,12 +383,20 @@ class RerankPromptSection(Section):
     alone, the SIDs back to back and then eos, so that with `layout: next_item` the first answer token is the one
     mid-training learned to predict after the history (no JSON opening between them). SFT re-writes a teacher's
     accepted ranking in this style; saved with the model, so evaluation, RL and serving read answers the same way."""
+    answer_top: int | None = Field(default=None, ge=1)
+    """With `answer: sids`: the answer ranks only its first `answer_top` picks (a constrained answer has that many
+    SID slots), and the candidates it leaves out follow in the order they came. `1`: the re-ranker chooses which
+    candidate goes first and the rest keep the pre-rank order, a short answer (one SID) whose every token RL trains
+    on the choice that moves N@5 most. null ranks every candidate."""
 
     @model_validator(mode="after")
     def _check_layout(self) -> RerankPromptSection:
         if self.layout == NEXT_ITEM_LAYOUT and self.history_format != MIDTRAIN_HISTORY:
             raise ValueError(f"prompt.layout={NEXT_ITEM_LAYOUT} writes the history as mid-training did: set "
                              f"prompt.history_format={MIDTRAIN_HISTORY}")
+        if self.answer_top is not None and self.answer != SIDS_ANSWER:
+            raise ValueError(f"prompt.answer_top ranks part of the list, which only the {SIDS_ANSWER!r} answer "
+                             f"says (the chat instruction asks for every candidate): set prompt.answer={SIDS_ANSWER}")
         return self
 
     @model_serializer(mode="wrap")
@@ -390,7 +405,7 @@ class RerankPromptSection(Section):
         # sft, rl, evaluate) and the gr2_rerank.json of their models stay what they were
         data = handler(self)
         for name, default in (("shuffle_candidates", False), ("history_format", RERANK_HISTORY),
-                              ("layout", CHAT_LAYOUT), ("answer", JSON_ANSWER)):
+                              ("layout", CHAT_LAYOUT), ("answer", JSON_ANSWER), ("answer_top", None)):
             if getattr(self, name) == default:
                 data.pop(name, None)
         return data

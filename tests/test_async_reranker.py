@@ -98,6 +98,15 @@ def test_sids_answers_cross_to_the_engine_process_and_start_with_the_first_sid(e
         assert result.reason is None and sorted(result.ranking) == sorted(items), result
         assert result.completion == "".join(prompts.sid_of[i] for i in result.ranking)
         assert result.generated_tokens == decoding.max_tokens(prompts.candidate_token_ids(items))
+    # answer_top=1 crosses the same way: one SID slot in the engine's constraint, the rest kept in incoming order
+    section = section.model_copy(update={"answer_top": 1})
+    prompts = PromptBuilder(reranker.prompts.tokenizer, reranker.prompts.sid_of, reranker.prompts.title_of, section)
+    decoding = RerankDecoding(reranker.decoding.tokenizer, reranker.decoding.eos_id, CONSTRAINED, "sids", 1)
+    top = AsyncReranker(prompts, decoding, reranker.max_model_len, reranker.engine, reranker.load)
+    for result, items in zip(loop.run_until_complete(top.rerank_many(histories, candidates, timeout_s=60)), candidates):
+        first = result.ranking[0]
+        assert result.reason is None and result.ranking == [first] + [i for i in items if i != first], result
+        assert result.completion == prompts.sid_of[first]
 
 
 def test_a_request_past_its_deadline_is_aborted_while_another_runs_on(engine):

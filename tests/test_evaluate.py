@@ -307,6 +307,7 @@ def test_ablation_dry_run_prints_every_variants_commands_and_skips_evaluated_one
             'prompt.layout=next_item prompt.answer=sids') in out.replace("'", "").replace("models=", "")
     assert ("init_model=models/midtrain prompt.history_format=midtrain prompt.layout=next_item prompt.answer=sids "
             "output=rl_zero_nextsids") in text  # RL-zero on the SIDs answer: the prompt comes from the RL config
+    assert "prompt.answer=sids prompt.answer_top=1 output=rl_zero_nexttop1" in text
     assert "sampling.max_explanation_tokens=0 output=rl_noexp" in text
     assert '"name": "rl_sc4", "path": "models/rl", "self_consistency": {"orders": 4' in text
     assert "prompt.history_format=midtrain output=sft_reject_midhist" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -119,19 +120,20 @@ def test_a_crafted_title_cannot_produce_special_tokens_in_the_prompt(tiny):
 
 
 def constrained_answers(tiny, samples: int, first: int | None = None, seed: int = 0,
-                        max_explanation_tokens: int = 12, answer: str = "json", with_ids: bool = False) -> list:
+                        max_explanation_tokens: int = 12, answer: str = "json", with_ids: bool = False,
+                        top: int | None = None) -> list:
     """Sampled answers from the shared HF re-rank path (rec.engines.reranker.RerankGenerator) under the ranking constraint,
     parsed (and their token ids when `with_ids`)."""
     tokenizer, model = tiny
     sampling = RerankSamplingSection(temperature=1.0, constrained=True, max_explanation_tokens=max_explanation_tokens)
     generator = RerankGenerator(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"), sampling, model=model,
-                                answer=answer)
+                                answer=answer, top=top)
     prompt = tokenizer.apply_chat_template(build_messages([], CANDIDATES), tokenize=False, add_generation_prompt=True)
     candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
     torch.manual_seed(seed)
     (answers,) = generator.generate([tokenizer(prompt, add_special_tokens=False)["input_ids"]], [candidate_ids],
                                     [samples], first=[first], with_ids=True)
-    return [(text, parse_answer(text, SIDS, answer), *((ids,) if with_ids else ())) for text, _, ids in answers]
+    return [(text, parse_answer(text, SIDS, answer, top), *((ids,) if with_ids else ())) for text, _, ids in answers]
 
 
 def test_constrained_sampling_always_yields_a_valid_permutation(tiny):
@@ -222,15 +224,38 @@ def test_a_constrained_sids_answer_starts_with_the_first_sid_and_every_free_toke
         RankingAnswerFormat.from_tokenizer(tokenizer, style="yaml")
 
 
+def test_an_answer_of_the_top_picks_ranks_them_first_and_keeps_the_incoming_order_after(tiny):
+    """answer_top=2: a constrained answer has two SID slots then eos (shorter, its budget the two longest SIDs), the
+    final ranking is those two and then the rest as they came, and RL's replay trains only those two choices."""
+    from rec.rl import constrained_choices
+
+    tokenizer, _ = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    candidate_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SIDS]
+    fmt = RankingAnswerFormat.from_tokenizer(tokenizer, eos_token="<|im_end|>", style="sids", top=2)
+    assert fmt.max_tokens(candidate_ids, 12) == sum(sorted(map(len, candidate_ids))[-2:]) + 1
+    answers = constrained_answers(tiny, samples=6, answer="sids", with_ids=True, top=2)
+    for text, result, ids in answers:
+        picked = [SIDS.index(s) for s in re.findall(r"<\|sid_begin\|>.*?<\|sid_end\|>", text)]
+        assert result.valid and len(picked) == 2 and ids[-1] == eos, (result.reason, text)
+        assert result.ranking == picked + [p for p in range(len(SIDS)) if p not in picked]
+    mask, choices = constrained_choices(RankingConstraint(fmt, candidate_ids, 12), answers[0][2])
+    assert sum(mask) == len(choices) > 0 and all(answers[0][2][p] in set(sum(candidate_ids, [])) for p in choices)
+    assert parse_answer(SIDS[1], SIDS, "sids", top=2).reason == "missing_candidates"
+    assert parse_answer(SIDS[2] + SIDS[0], SIDS, "sids", top=2).ranking[:2] == [2, 0]
+    with pytest.raises(ValueError, match="answer_top"):
+        RerankPromptSection(answer_top=1)  # the JSON answer's instruction asks for every candidate
+
+
 def test_new_prompt_options_are_left_out_of_dumps_at_their_defaults():
     """Stages fingerprint their prompt section and SFT saves it in gr2_rerank.json: at their defaults the options
     added later must not appear, or every run and model recorded before them would count as another config."""
     recorded = {"history_token_budget": 400, "max_title_chars": 100, "priming": None, "chat_template_kwargs": {}}
     assert RerankPromptSection().model_dump(mode="json") == recorded
     assert RerankPromptSection.model_validate(recorded) == RerankPromptSection()
-    on = RerankPromptSection(shuffle_candidates=True, history_format="midtrain", answer="sids")
+    on = RerankPromptSection(shuffle_candidates=True, history_format="midtrain", answer="sids", answer_top=1)
     assert on.model_dump(mode="json") == {**recorded, "shuffle_candidates": True, "history_format": "midtrain",
-                                          "answer": "sids"}
+                                          "answer": "sids", "answer_top": 1}
     assert RerankPromptSection.model_validate(on.model_dump(mode="json")) == on
     with pytest.raises(ValueError, match="history_format"):
         RerankPromptSection(history_format="sids")

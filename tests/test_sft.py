@@ -209,6 +209,13 @@ def test_sids_answers_are_the_ranking_alone_for_traces_and_promoted_lists(sft_ru
             prompt = len(example["input_ids"]) - len(labelled)
             assert example["input_ids"][:prompt] == plain["input_ids"][:len(plain["input_ids"]) - len(
                 [label for label in plain["labels"] if label != IGNORE_INDEX])]
+        top_examples, _ = build_examples(_config(sft_run_dir.root, f"source={source}", "prompt.answer=sids",
+                                                 "prompt.answer_top=1"), sft_run_dir, tokenizer)
+        for example, full in zip(top_examples, examples):  # answer_top=1: the first SID of the full answer alone
+            answer = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+            full_answer = [t for t, label in zip(full["input_ids"], full["labels"]) if label != IGNORE_INDEX]
+            first_end = full_answer.index(tokenizer.convert_tokens_to_ids("<|sid_end|>")) + 1
+            assert answer == full_answer[:first_end] + full_answer[-1:]
 
 
 def test_promoted_answers_keep_the_shown_order_with_the_target_first(sft_run_dir, tmp_path):

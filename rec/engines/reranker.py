@@ -18,12 +18,13 @@ RANKING_PROCESSOR = "rec.engines.reranker:RankingLogitsProcessor"
 
 
 def ranking_extra_args(candidate_token_ids: Sequence[Sequence[int]], max_explanation_tokens: int, eos_id: int,
-                       first: int | None = None, answer: str = JSON_ANSWER) -> dict:
+                       first: int | None = None, answer: str = JSON_ANSWER, top: int | None = None) -> dict:
     """`SamplingParams(extra_args=...)` that constrains one request's answer to a ranking of these candidates
-    (starting with candidate `first` when given), in the answer style `answer` (`RerankPromptSection.answer`)."""
+    (starting with candidate `first` when given), in the answer style `answer` (`RerankPromptSection.answer`), of
+    `top` SID slots when given (`RerankPromptSection.answer_top`)."""
     return {RANKING_ARGS: {"candidates": [list(map(int, c)) for c in candidate_token_ids],
                            "max_explanation_tokens": int(max_explanation_tokens), "eos_id": int(eos_id),
-                           "first": first, "answer": answer}}
+                           "first": first, "answer": answer, "top": top}}
 
 
 def _ranking_logits_processor_class():
@@ -41,7 +42,7 @@ def _ranking_logits_processor_class():
             super().__init__(vllm_config, device, is_pin_memory)
             self.tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
             self.base_formats: dict[str, RankingAnswerFormat] = {}
-            self.formats: dict[tuple[int, str], RankingAnswerFormat] = {}
+            self.formats: dict[tuple[int, str, int | None], RankingAnswerFormat] = {}
 
         @classmethod
         def validate_params(cls, params) -> None:
@@ -56,12 +57,12 @@ def _ranking_logits_processor_class():
             args = (params.extra_args or {}).get(RANKING_ARGS)
             if args is None:
                 return None
-            eos, style = int(args["eos_id"]), args.get("answer", JSON_ANSWER)
-            if (eos, style) not in self.formats:
+            eos, style, top = int(args["eos_id"]), args.get("answer", JSON_ANSWER), args.get("top")
+            if (eos, style, top) not in self.formats:
                 if style not in self.base_formats:
                     self.base_formats[style] = RankingAnswerFormat.from_tokenizer(self.tokenizer, style=style)
-                self.formats[eos, style] = dataclasses.replace(self.base_formats[style], eos_id=eos)
-            fmt = self.formats[eos, style]
+                self.formats[eos, style, top] = dataclasses.replace(self.base_formats[style], eos_id=eos, top=top)
+            fmt = self.formats[eos, style, top]
             constraint = RankingConstraint(fmt, args["candidates"], int(args["max_explanation_tokens"]),
                                            first=args.get("first"))
             return constraint.apply
@@ -82,14 +83,14 @@ def __getattr__(name: str):
 class RerankDecoding:
     """How a re-rank answer is decoded, whichever engine writes it: its token budget, the ranking constraint's answer
     format, and the vLLM `SamplingParams` of one request (the sync and the async engine send the same). `answer` is
-    the answer style (`RerankPromptSection.answer`)."""
+    the answer style (`RerankPromptSection.answer`), `top` how many candidates it ranks (`answer_top`)."""
 
-    def __init__(self, tokenizer, eos_id: int, sampling, answer: str = JSON_ANSWER):
+    def __init__(self, tokenizer, eos_id: int, sampling, answer: str = JSON_ANSWER, top: int | None = None):
         from rec.answer_constraint import RankingAnswerFormat
 
-        self.tokenizer, self.eos_id, self.sampling, self.answer = tokenizer, eos_id, sampling, answer
+        self.tokenizer, self.eos_id, self.sampling, self.answer, self.top = tokenizer, eos_id, sampling, answer, top
         self.format = (RankingAnswerFormat.from_tokenizer(tokenizer, eos_token=tokenizer.convert_ids_to_tokens(eos_id),
-                                                          style=answer)
+                                                          style=answer, top=top)
                        if sampling.constrained else None)
 
     def max_tokens(self, candidate_token_ids: Sequence[Sequence[int]]) -> int:
@@ -110,7 +111,7 @@ class RerankDecoding:
                                 "skip_special_tokens": False, **options}
         if self.format is not None:
             args["extra_args"] = ranking_extra_args(candidate_token_ids, s.max_explanation_tokens, self.eos_id, first,
-                                                    self.answer)
+                                                    self.answer, self.top)
         return SamplingParams(**args)
 
 
@@ -129,10 +130,11 @@ class RerankGenerator(RerankDecoding):
     engine's counterpart is `rec.engines.async_reranker.AsyncReranker`.
     """
 
-    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None, answer: str = JSON_ANSWER):
+    def __init__(self, tokenizer, eos_id: int, sampling, llm=None, model=None, answer: str = JSON_ANSWER,
+                 top: int | None = None):
         if (llm is None) == (model is None):
             raise ValueError("give exactly one of llm (vLLM) or model (HF)")
-        super().__init__(tokenizer, eos_id, sampling, answer)
+        super().__init__(tokenizer, eos_id, sampling, answer, top)
         self.llm, self.model = llm, model
 
     def generate(
@@ -218,7 +220,8 @@ class RerankLists:
         """The final ranking of `items` from an answer (the incoming order with the reason when it is unusable)."""
         from rec.rerank import final_ranking, parse_answer
 
-        parsed = parse_answer(text, self.prompts.candidate_sids(items), self.prompts.section.answer)
+        section = self.prompts.section
+        parsed = parse_answer(text, self.prompts.candidate_sids(items), section.answer, section.answer_top)
         ranking, reason = final_ranking(parsed, items)
         return Reranked(ranking, reason, generated, text, parsed.explanation)
 
