@@ -253,6 +253,22 @@ def collect(run_dir: RunDir, chosen: list[Variant], preset: str, seconds: dict[s
             "not_evaluated": [name for name in (pending or [v.name for v in chosen]) if name not in rows]}
 
 
+def with_earlier_rows(results: dict[str, Any], stem: Path, run_dir: RunDir) -> dict[str, Any]:
+    """`results` plus the rows of the results file at `stem` that this invocation's variants do not name (a
+    variant named by an option of an earlier run, `--sft-lr`, `--zero-lr`, `--long-lr`), kept while that run dir
+    still holds their rows file and they cover the same number of lists."""
+    path = stem.with_suffix(".json")
+    if not path.exists():
+        return results
+    earlier = json.loads(path.read_text())
+    if earlier.get("run_dir") != results["run_dir"]:
+        return results
+    kept = {name: row for name, row in earlier.get("variants", {}).items()
+            if name not in results["variants"] and run_dir.exists("eval", f"rows_{name}.parquet")
+            and row.get("rows") == results["rows"]}
+    return {**results, "variants": {**results["variants"], **kept}}
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The table: one row per evaluated variant, the pre-rank row first when present."""
     lines = [f"# Re-ranker levers on {results['run_dir']} ({results['rows']} test lists that hold their target)", "",
@@ -329,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
              for v in variants(source, args.long_steps, args.orders, args.long_lr, args.sft_lr, args.zero_lr)}
     results = collect(run_dir, list({**known, **{v.name: v for v in every}}.values()), args.preset, seconds,
                       pending=[v.name for v in chosen])
-    write_results(results, Path(args.out) if args.out else RESULTS / f"rerank_ablation_{Path(args.run_dir).name}")
+    stem = Path(args.out) if args.out else RESULTS / f"rerank_ablation_{Path(args.run_dir).name}"
+    results = with_earlier_rows(results, stem, run_dir)
+    write_results(results, stem)
     print(markdown(results))
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

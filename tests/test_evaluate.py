@@ -349,6 +349,22 @@ def test_ablation_table_has_a_row_per_evaluated_variant_with_the_asked_columns(t
     assert json.loads((tmp_path / "rerank_ablation_tiny_full.json").read_text()) == results
 
 
+def test_ablation_results_keep_an_earlier_runs_option_named_rows_while_their_rows_file_exists(tmp_path):
+    """A variant named by an option (`--zero-lr 1e-4` -> rl_zero_nexttop1_lr0.0001) is not among the next run's
+    variants; its row stays in the results file as long as the run dir holds its rows and it covers the same lists."""
+    ablation = _ablation()
+    run_dir = RunDir.open(str(tmp_path / "run"))
+    run_dir.write_parquet(pa.table({"row_id": [0]}), "eval", "rows_rl_zero_nexttop1_lr0.0001.parquet")
+    row = {"lever": "x", "rows": 2}
+    stem = tmp_path / "results"
+    stem.with_suffix(".json").write_text(json.dumps({"run_dir": run_dir.root, "rows": 2, "variants": {
+        "rl_zero_nexttop1_lr0.0001": row, "gone": row, "other_lists": {"rows": 3}}}))
+    now = {"run_dir": run_dir.root, "rows": 2, "not_evaluated": [], "variants": {"prerank": row}}
+    run_dir.write_parquet(pa.table({"row_id": [0]}), "eval", "rows_other_lists.parquet")
+    assert list(ablation.with_earlier_rows(now, stem, run_dir)["variants"]) == ["prerank", "rl_zero_nexttop1_lr0.0001"]
+    assert ablation.with_earlier_rows({**now, "run_dir": "elsewhere"}, stem, run_dir)["variants"] == {"prerank": row}
+
+
 def test_ablation_results_come_from_the_rows_files_and_must_share_the_test_lists(tmp_path):
     ablation = _ablation()
     run_dir = RunDir.open(str(tmp_path / "run"))
